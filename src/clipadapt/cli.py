@@ -1,0 +1,40 @@
+"""`clipadapt <command>`: parse, call the library, print. Commands live in clipadapt.commands."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from clipadapt.errors import ClipAdaptError
+
+# One module per command in clipadapt/commands/, each with add_parser(subparsers) and run(args).
+COMMANDS = [
+    "demo",
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="clipadapt", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name in COMMANDS:
+        module = importlib.import_module(f"clipadapt.commands.{name}")
+        module.add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.run(args) or 0)
+    except ClipAdaptError as e:
+        print(f"clipadapt: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("clipadapt: interrupted; finished work is kept, rerun to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
