@@ -1,0 +1,208 @@
+"""Pre-train the embedded `tiny-shapes` CLIP on ShapesWorld captions (CPU, reproducible by seed).
+
+    python scripts/pretrain_tiny_shapes.py --steps 3000 --out runs/tiny-shapes
+
+The architecture is the open_clip config shipped in src/clipadapt/assets/tiny-shapes/. Scenes
+and captions are generated on the fly (one DataLoader worker); the contrastive targets are
+duplicate-aware: every image in the batch that satisfies a caption's facts is a positive.
+`--export` writes the fp16 safetensors the package ships.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import open_clip
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from clipadapt.data import shapesworld as sw
+from clipadapt.data import shapesworld_text as st
+
+ASSETS = Path(__file__).resolve().parents[1] / "src" / "clipadapt" / "assets" / "tiny-shapes"
+MEAN = torch.tensor(open_clip.OPENAI_DATASET_MEAN).view(1, 3, 1, 1)
+STD = torch.tensor(open_clip.OPENAI_DATASET_STD).view(1, 3, 1, 1)
+
+
+class Batches(torch.utils.data.IterableDataset):
+    """Endless batches of (images uint8 [B,H,W,3], tokens [B,L], facts of images, facts of captions)."""
+
+    def __init__(self, seed: int, batch: int, size: int, tokenizer, start: int = 0):
+        self.seed, self.batch, self.size, self.tokenizer, self.start = seed, batch, size, tokenizer, start
+
+    def __iter__(self):
+        step = self.start
+        while True:
+            rng = np.random.default_rng([self.seed, step])
+            scenes = [sw.sample_scene(rng) for _ in range(self.batch)]
+            images = np.stack([sw.render(s, self.size)[0] for s in scenes])
+            caps, cap_facts = zip(*(st.caption(s, rng) for s in scenes), strict=True)
+            img_f = np.stack([st.image_facts(s) for s in scenes])
+            cap_f = np.zeros_like(img_f)
+            for i, fs in enumerate(cap_facts):
+                cap_f[i, fs] = True
+            yield (torch.from_numpy(images), self.tokenizer(list(caps)),
+                   torch.from_numpy(img_f), torch.from_numpy(cap_f))
+            step += 1
+
+
+def to_input(images: torch.Tensor) -> torch.Tensor:
+    return (images.permute(0, 3, 1, 2).float() / 255.0 - MEAN) / STD
+
+
+def contrastive_loss(img, txt, scale, img_facts, cap_facts):
+    """Symmetric InfoNCE with multi-positive targets: caption i matches image j if j has i's facts."""
+    match = (cap_facts.float() @ (~img_facts).float().T) == 0  # [captions, images]
+    logits = scale * txt @ img.T
+    t2i = match.float() / match.sum(1, keepdim=True)
+    i2t = match.T.float() / match.T.sum(1, keepdim=True)
+    loss_t = -(t2i * F.log_softmax(logits, 1)).sum(1).mean()
+    loss_i = -(i2t * F.log_softmax(logits.T, 1)).sum(1).mean()
+    return (loss_t + loss_i) / 2
+
+
+def eval_sets(seed: int, n: int, size: int):
+    """Held-out single-object classification sets: {task: (images, labels, classnames, template)}."""
+    rng = np.random.default_rng([seed, 10**6])
+    out = {}
+    tasks = {
+        "shape": (lambda i: dict(shape=i), sw.SHAPES, "a photo of a {}."),
+        "colour": (lambda i: dict(colour=i), sw.COLOUR_NAMES, "a photo of a {} object."),
+    }
+    for name, (kw, names, template) in tasks.items():
+        labels = rng.integers(len(names), size=n)
+        scenes = [sw.sample_scene(rng, n_objects=(1, 1), **kw(int(y))) for y in labels]
+        out[name] = (np.stack([sw.render(s, size)[0] for s in scenes]), labels, names, template)
+    pat = [f"{p} {s}" for s in sw.SHAPES for p in sw.PATTERNS]
+    labels = rng.integers(len(pat), size=n)
+    scenes = [sw.sample_scene(rng, n_objects=(1, 1), shape=int(y) // 3, pattern=int(y) % 3)
+              for y in labels]
+    out["pattern"] = (np.stack([sw.render(s, size)[0] for s in scenes]), labels, pat,
+                      "a photo of a {}.")
+    for attr, values in sw.ATTRIBUTES.items():
+        labels = rng.integers(len(values), size=n)
+        scenes = [sw.sample_scene(rng, attrs={attr: int(y)}) for y in labels]
+        out[attr] = (np.stack([sw.render(s, size)[0] for s in scenes]), labels, values,
+                     sw.ATTRIBUTE_TEMPLATES[attr])
+    return out
+
+
+@torch.no_grad()
+def evaluate(model, tokenizer, sets) -> dict[str, float]:
+    model.eval()
+    accs = {}
+    for name, (images, labels, names, template) in sets.items():
+        txt = F.normalize(model.encode_text(tokenizer([template.format(c) for c in names])), dim=-1)
+        img = F.normalize(model.encode_image(to_input(torch.from_numpy(images))), dim=-1)
+        accs[name] = float(((img @ txt.T).argmax(1).numpy() == labels).mean())
+    model.train()
+    return accs
+
+
+def param_groups(model, wd):
+    decay, no_decay = [], []
+    for n, p in model.named_parameters():
+        (no_decay if p.ndim < 2 or "embedding" in n or "logit_scale" in n else decay).append(p)
+    return [{"params": decay, "weight_decay": wd}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=3000)
+    ap.add_argument("--batch", type=int, default=256)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--warmup", type=int, default=200)
+    ap.add_argument("--wd", type=float, default=0.1)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--eval-every", type=int, default=250)
+    ap.add_argument("--out", default="runs/tiny-shapes")
+    ap.add_argument("--resume", action="store_true", help="continue from OUT/last.safetensors")
+    ap.add_argument("--export", action="store_true", help="write the fp16 weights into the package")
+    ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--bf16", action="store_true", help="bfloat16 autocast (fp32 master weights)")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    open_clip.add_model_config(ASSETS)
+    torch.manual_seed(args.seed)
+    model = open_clip.create_model("tiny-shapes", pretrained=None)
+    tokenizer = open_clip.get_tokenizer("tiny-shapes")
+    size = model.visual.image_size[0] if isinstance(model.visual.image_size, tuple) else model.visual.image_size
+    opt = torch.optim.AdamW(param_groups(model, args.wd), lr=args.lr, betas=(0.9, 0.98), eps=1e-6)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    start = 0
+    if args.resume and (out / "last.safetensors").exists():
+        model.load_state_dict(load_file(out / "last.safetensors"))
+        state = json.loads((out / "last.json").read_text())
+        start = state["step"]
+        opt_state = load_file(out / "last-opt.safetensors")
+        for i, p in enumerate(p for g in opt.param_groups for p in g["params"]):
+            opt.state[p] = {"step": opt_state[f"{i}.step"], "exp_avg": opt_state[f"{i}.exp_avg"],
+                            "exp_avg_sq": opt_state[f"{i}.exp_avg_sq"]}
+    sets = eval_sets(args.seed + 1, 400, size)
+    loader = torch.utils.data.DataLoader(
+        Batches(args.seed, args.batch, size, tokenizer, start), batch_size=None, num_workers=1,
+        prefetch_factor=4, persistent_workers=True,
+    )
+    log = open(out / "log.jsonl", "a")
+    model.train()
+    t0 = time.time()
+    for step, (images, tokens, img_f, cap_f) in enumerate(loader, start=start):
+        if step >= args.steps:
+            break
+        lr = args.lr * min(1.0, (step + 1) / args.warmup) * 0.5 * (1 + math.cos(math.pi * step / args.steps))
+        for g in opt.param_groups:
+            g["lr"] = lr
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
+            img = model.encode_image(to_input(images))
+            txt = model.encode_text(tokens)
+        img, txt = F.normalize(img.float(), dim=-1), F.normalize(txt.float(), dim=-1)
+        loss = contrastive_loss(img, txt, model.logit_scale.exp(), img_f, cap_f)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, math.log(100))
+        if (step + 1) % 25 == 0:
+            print(f"step {step + 1} loss {loss.item():.4f} scale {model.logit_scale.exp().item():.1f} "
+                  f"lr {lr:.2e} {(time.time() - t0) / 60:.1f} min", flush=True)
+        if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
+            accs = evaluate(model, tokenizer, sets)
+            rec = {"step": step + 1, "loss": loss.item(), "minutes": (time.time() - t0) / 60, **accs}
+            print(json.dumps(rec), flush=True)
+            log.write(json.dumps(rec) + "\n")
+            log.flush()
+            save_checkpoint(model, opt, out, step + 1)
+    if args.export:
+        export(model, out / "last.json")
+
+
+def save_checkpoint(model, opt, out: Path, step: int) -> None:
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, out / "last.safetensors.tmp")
+    opt_state = {}
+    for i, p in enumerate(p for g in opt.param_groups for p in g["params"]):
+        for k, v in opt.state.get(p, {}).items():
+            opt_state[f"{i}.{k}"] = v.reshape(-1) if k == "step" else v
+    save_file(opt_state, out / "last-opt.safetensors.tmp")
+    (out / "last.safetensors.tmp").replace(out / "last.safetensors")
+    (out / "last-opt.safetensors.tmp").replace(out / "last-opt.safetensors")
+    (out / "last.json").write_text(json.dumps({"step": step}))
+
+
+def export(model, meta_path: Path) -> None:
+    state = {k: v.detach().to(torch.float16).contiguous() for k, v in model.state_dict().items()}
+    save_file(state, ASSETS / "model.safetensors", metadata={"source": "scripts/pretrain_tiny_shapes.py",
+                                                              **json.loads(meta_path.read_text())})
+    print("exported", ASSETS / "model.safetensors")
+
+
+if __name__ == "__main__":
+    main()
