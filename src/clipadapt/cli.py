@@ -11,6 +11,14 @@ from clipadapt.errors import ClipAdaptError
 # One module per command in clipadapt/commands/, each with add_parser(subparsers) and run(args).
 COMMANDS = [
     "demo",
+    "segment",
+    "seg_eval",
+    "extract",
+    "zeroshot",
+    "fit",
+    "eval",
+    "predict",
+    "bench",
 ]
 
 

@@ -1,0 +1,97 @@
+"""`clipadapt extract --model M --data DIR --split test --out CACHE`: cache image embeddings."""
+
+from __future__ import annotations
+
+import argparse
+
+DEFAULT_MODEL = "tiny-shapes"
+
+
+def add_backbone_options(parser: argparse.ArgumentParser) -> None:
+    """--model/--pretrained/--device and the extraction options shared with `zeroshot`."""
+    parser.add_argument(
+        "--model",
+        default=DEFAULT_MODEL,
+        help=f"open_clip architecture or tiny-shapes (default {DEFAULT_MODEL})",
+    )
+    parser.add_argument(
+        "--pretrained",
+        default=None,
+        help="open_clip tag, weights file or hf:<folder> (default: the model's)",
+    )
+    parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    parser.add_argument(
+        "--data",
+        required=True,
+        help="dataset folder (CoOp layout, split_*.json, CSV or ImageFolder)",
+    )
+    parser.add_argument(
+        "--split",
+        default="test",
+        choices=["train", "val", "test"],
+        help="which split (default test)",
+    )
+    parser.add_argument("--batch-size", type=int, default=64, help="images per forward")
+    parser.add_argument(
+        "--num-workers", type=int, default=None, help="decoding processes (default: cores - 1)"
+    )
+    parser.add_argument(
+        "--skip-bad",
+        action="store_true",
+        help="skip unreadable images (listed in the cache manifest)",
+    )
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "extract",
+        help="compute and cache image embeddings of a dataset split",
+        description=__doc__,
+    )
+    add_backbone_options(p)
+    p.add_argument("--out", required=True, help="feature cache folder")
+    p.add_argument(
+        "--augment-views",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also cache N augmented views (random-resized-crop + flip)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of the augmented views")
+    p.add_argument(
+        "--tokens-layer",
+        type=int,
+        default=None,
+        help="also cache patch tokens after this block (e.g. -2)",
+    )
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from clipadapt.backbones import load_backbone
+    from clipadapt.data import load_split
+    from clipadapt.features import extract
+
+    dataset = load_split(args.data, args.split)
+    bb = load_backbone(args.model, args.pretrained, device=args.device)
+    stats: dict = {}
+    feats = extract(
+        bb,
+        dataset,
+        views=args.augment_views,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        num_workers=args.num_workers,
+        cache_dir=args.out,
+        tokens_layer=args.tokens_layer,
+        skip_bad=args.skip_bad,
+        stats=stats,
+    )
+    computed = max(stats["computed"].values())
+    print(
+        f"{dataset.name} {args.split}: {len(feats)} images x {feats.features.shape[1]} dims, "
+        f"{computed} computed, {len(dataset) - computed} reused, {len(stats['bad'])} skipped"
+    )
+    for name, path in stats["entries"].items():
+        print(f"  {name}: {path}")
+    return 0

@@ -1,0 +1,93 @@
+"""Zero-shot CLIP evaluation: logits = s · normalise(f) Wᵀ with W from class names × templates."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from clipadapt.data.dataset import ClassificationDataset
+from clipadapt.features.cache import library_version
+from clipadapt.features.extract import extract
+from clipadapt.features.featureset import FeatureSet, as_features
+from clipadapt.io import atomic_write
+from clipadapt.metrics import classification_metrics
+from clipadapt.templates import get_templates
+
+
+def text_weights(
+    bb,
+    classnames: Sequence[str],
+    templates: Sequence[str],
+    cache_dir: str | os.PathLike | None = None,
+) -> Tensor:
+    """The zero-shot classifier W [C, D] (rows L2-normalised), see ``Backbone.text_classifier``.
+
+    With ``cache_dir`` it is stored as ``text-<key>.safetensors``, keyed by the backbone
+    identity, class names, templates and library version.
+    """
+    if cache_dir is None:
+        return bb.text_classifier(list(classnames), list(templates))
+    fields = {
+        "backbone": bb.identity,
+        "classnames": list(classnames),
+        "templates": list(templates),
+        "library": library_version(),
+    }
+    key = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
+    path = Path(cache_dir).expanduser() / f"text-{key[:24]}.safetensors"
+    if path.is_file():
+        try:
+            return load_file(str(path))["weights"]
+        except Exception:  # an unreadable cache file is recomputed, never trusted
+            path.unlink(missing_ok=True)
+    weights = bb.text_classifier(list(classnames), list(templates))
+    atomic_write(path, lambda tmp: save_file({"weights": weights.contiguous()}, tmp))
+    return weights
+
+
+def zero_shot_logits(features: Tensor | FeatureSet, weights: Tensor, scale: float) -> Tensor:
+    """features [N, D] unnormalised, weights [C, D] normalised -> logits [N, C]."""
+    f = F.normalize(as_features(features).float(), dim=-1)
+    return scale * f @ weights.float().T
+
+
+def evaluate_zero_shot(
+    bb,
+    dataset: ClassificationDataset,
+    *,
+    templates: str | Sequence[str] | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    batch_size: int = 64,
+    num_workers: int | None = None,
+    skip_bad: bool = False,
+    progress: bool = True,
+) -> dict[str, float]:
+    """Top-1, top-5 and mean per-class recall (%) of zero-shot CLIP on ``dataset``.
+
+    templates: a name for ``clipadapt.templates.get_templates`` or a list; None = the
+    dataset's own templates (METHODS.md).
+    """
+    if templates is None or isinstance(templates, str):
+        templates = get_templates(templates if templates is not None else dataset.name)
+    feats = extract(
+        bb,
+        dataset,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        cache_dir=cache_dir,
+        skip_bad=skip_bad,
+        progress=progress,
+    )
+    weights = text_weights(bb, dataset.classnames, templates, cache_dir)
+    logits = zero_shot_logits(feats, weights.to(feats.features.device), bb.logit_scale)
+    return classification_metrics(logits, feats.labels)
+
+
+__all__ = ["evaluate_zero_shot", "text_weights", "zero_shot_logits"]
