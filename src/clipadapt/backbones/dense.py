@@ -38,8 +38,8 @@ def dense_features(bb, x: Tensor, attention: str = "csa") -> Tensor:
     if attention not in ATTENTIONS:
         raise ClipAdaptError(f"attention={attention!r}: expected one of {', '.join(ATTENTIONS)}")
     visual = _vit(getattr(bb, "model", bb))
-    dtype = visual.conv1.weight.dtype
-    tokens, grid = _embed(visual, x.to(dtype))
+    weight = visual.conv1.weight
+    tokens, grid = _embed(visual, x.to(weight.device, weight.dtype))
     blocks = visual.transformer.resblocks
     for block in blocks[:-1]:
         tokens = _run_block(block, tokens)
@@ -56,12 +56,12 @@ def _vit(model: nn.Module) -> nn.Module:
 
     visual = getattr(model, "visual", None)
     if not isinstance(visual, VisionTransformer):
-        kind = type(visual).__name__ if visual is not None else type(model).__name__
+        kind = type(visual if visual is not None else model).__name__
         raise ClipAdaptError(
-            f"dense features: the visual tower is a {kind}; expected an open_clip ViT "
-            "(ResNet and other towers are not supported)"
+            f"dense features: got a {kind} image tower; expected an open_clip ViT "
+            "(ResNets and transformers models are not supported)"
         )
-    if visual.attn_pool is not None or not all(
+    if getattr(visual, "attn_pool", None) is not None or not all(
         isinstance(b, ResidualAttentionBlock) for b in visual.transformer.resblocks
     ):
         raise ClipAdaptError(

@@ -1,0 +1,71 @@
+"""Writing predictions: an index mask PNG and a blended overlay with a legend."""
+
+from __future__ import annotations
+
+import colorsys
+import os
+from collections.abc import Sequence
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+from torch import Tensor
+
+from clipadapt.io import atomic_write
+
+SWATCH = 14  # legend swatch side, pixels
+
+
+def palette(num_classes: int) -> np.ndarray:
+    """Distinct colours [C, 3] uint8 (hues spaced by the golden ratio, deterministic)."""
+    colours = []
+    for c in range(num_classes):
+        hue = (c * 0.618033988749895) % 1.0
+        value = 0.95 if c % 2 == 0 else 0.7
+        colours.append([round(255 * v) for v in colorsys.hsv_to_rgb(hue, 0.75, value)])
+    return np.array(colours, dtype=np.uint8).reshape(-1, 3)
+
+
+def mask_image(pred: Tensor, num_classes: int) -> Image.Image:
+    """Class indices [H, W] -> a palette PNG image (pixel value = class index; 16-bit
+    grayscale beyond 256 classes)."""
+    indices = pred.cpu().numpy()
+    if num_classes > 256:
+        return Image.fromarray(indices.astype(np.uint16))
+    image = Image.fromarray(indices.astype(np.uint8), mode="P")
+    image.putpalette(palette(num_classes).flatten().tolist())
+    return image
+
+
+def overlay_image(
+    image: Image.Image, pred: Tensor, names: Sequence[str], alpha: float = 0.5
+) -> Image.Image:
+    """Blend class colours over ``image`` and add a legend of the classes present, to the right."""
+    indices = pred.cpu().numpy()
+    colours = palette(len(names))
+    base = np.asarray(image.convert("RGB"), dtype=np.float32)
+    blended = (1 - alpha) * base + alpha * colours[indices].astype(np.float32)
+    picture = Image.fromarray(blended.round().clip(0, 255).astype(np.uint8))
+    present = [int(c) for c in np.unique(indices)]
+    return _with_legend(picture, [(names[c], tuple(int(v) for v in colours[c])) for c in present])
+
+
+def _with_legend(picture: Image.Image, entries: list[tuple[str, tuple[int, ...]]]) -> Image.Image:
+    font = ImageFont.load_default()
+    line = SWATCH + 6
+    text_width = max((int(font.getlength(name)) for name, _ in entries), default=0)
+    width = picture.width + SWATCH + text_width + 24
+    height = max(picture.height, 8 + line * len(entries))
+    canvas = Image.new("RGB", (width, height), (255, 255, 255))
+    canvas.paste(picture, (0, 0))
+    draw = ImageDraw.Draw(canvas)
+    x = picture.width + 8
+    for row, (name, colour) in enumerate(entries):
+        y = 6 + row * line
+        draw.rectangle([x, y, x + SWATCH, y + SWATCH], fill=colour, outline=(0, 0, 0))
+        draw.text((x + SWATCH + 6, y), name, fill=(0, 0, 0), font=font)
+    return canvas
+
+
+def save_png(image: Image.Image, path: str | os.PathLike) -> None:
+    """Write ``image`` as PNG atomically."""
+    atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
