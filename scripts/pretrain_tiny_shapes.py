@@ -11,6 +11,7 @@ duplicate-aware: every image in the batch that satisfies a caption's facts is a 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import time
@@ -30,17 +31,51 @@ MEAN = torch.tensor(open_clip.OPENAI_DATASET_MEAN).view(1, 3, 1, 1)
 STD = torch.tensor(open_clip.OPENAI_DATASET_STD).view(1, 3, 1, 1)
 
 
+GROUP = 4
+# What the scenes of a group differ in (the first object's shape, pattern or colour) and how often.
+VARY = {"shape": 0.6, "pattern": 0.25, "colour": 0.15}
+
+
+EASY = {"lighting": 0, "weather": 0, "quality": 0}
+
+
+def easy_scene(rng: np.random.Generator) -> sw.Scene:
+    """One large solid object in daylight, clear weather, sharp: shape is all there is to see."""
+    return sw.sample_scene(rng, n_objects=(1, 1), pattern=0, attrs=EASY, size_range=(0.26, 0.42))
+
+
+def contrast_group(rng: np.random.Generator, n: int, easy: bool = False) -> list[sw.Scene]:
+    """n copies of one scene that differ only in one property of the first object.
+
+    Colour and scene attributes are easy to learn and would otherwise explain most caption
+    pairs in a batch; a group forces the towers to tell shapes (and patterns) apart.
+    """
+    base = easy_scene(rng) if easy else sw.sample_scene(rng)
+    field = "shape" if easy else str(rng.choice(list(VARY), p=list(VARY.values())))
+    count = {"shape": len(sw.SHAPES), "pattern": len(sw.PATTERNS), "colour": len(sw.COLOURS)}[field]
+    values = rng.permutation(count)
+    scenes = []
+    for i in range(n):
+        objects = list(base.objects)
+        objects[0] = dataclasses.replace(objects[0], **{field: int(values[i % count])})
+        scenes.append(dataclasses.replace(base, objects=objects))
+    return scenes
+
+
 class Batches(torch.utils.data.IterableDataset):
     """Endless batches of (images uint8 [B,H,W,3], tokens [B,L], facts of images, facts of captions)."""
 
-    def __init__(self, seed: int, batch: int, size: int, tokenizer, start: int = 0):
+    def __init__(self, seed, batch, size, tokenizer, start=0, easy_steps=0, easy_share=0.0):
         self.seed, self.batch, self.size, self.tokenizer, self.start = seed, batch, size, tokenizer, start
+        self.easy_steps, self.easy_share = easy_steps, easy_share
 
     def __iter__(self):
         step = self.start
         while True:
             rng = np.random.default_rng([self.seed, step])
-            scenes = [sw.sample_scene(rng) for _ in range(self.batch)]
+            share = 1.0 if step < self.easy_steps else self.easy_share
+            scenes = [v for _ in range(self.batch // GROUP)
+                      for v in contrast_group(rng, GROUP, easy=rng.random() < share)]
             images = np.stack([sw.render(s, self.size)[0] for s in scenes])
             caps, cap_facts = zip(*(st.caption(s, rng) for s in scenes), strict=True)
             img_f = np.stack([st.image_facts(s) for s in scenes])
@@ -125,6 +160,8 @@ def main() -> None:
     ap.add_argument("--resume", action="store_true", help="continue from OUT/last.safetensors")
     ap.add_argument("--export", action="store_true", help="write the fp16 weights into the package")
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--easy-steps", type=int, default=300, help="curriculum: clean single objects first")
+    ap.add_argument("--easy-share", type=float, default=0.2, help="share of easy groups afterwards")
     ap.add_argument("--bf16", action="store_true", help="bfloat16 autocast (fp32 master weights)")
     args = ap.parse_args()
     if args.threads:
@@ -149,7 +186,7 @@ def main() -> None:
                             "exp_avg_sq": opt_state[f"{i}.exp_avg_sq"]}
     sets = eval_sets(args.seed + 1, 400, size)
     loader = torch.utils.data.DataLoader(
-        Batches(args.seed, args.batch, size, tokenizer, start), batch_size=None, num_workers=1,
+        Batches(args.seed, args.batch, size, tokenizer, start, args.easy_steps, args.easy_share), batch_size=None, num_workers=1,
         prefetch_factor=4, persistent_workers=True,
     )
     log = open(out / "log.jsonl", "a")

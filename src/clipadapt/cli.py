@@ -37,11 +37,20 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.run(args) or 0)
     except ClipAdaptError as e:
-        print(f"clipadapt: error: {e}", file=sys.stderr)
+        if not (getattr(e, "all_ranks", False) and _rank() != 0):  # one copy of a shared error
+            print(f"clipadapt: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("clipadapt: interrupted; finished work is kept, rerun to resume", file=sys.stderr)
         return 130
+    finally:
+        if "clipadapt.distributed" in sys.modules:  # a command joined a torchrun process group
+            sys.modules["clipadapt.distributed"].shutdown()
+
+
+def _rank() -> int:
+    module = sys.modules.get("clipadapt.distributed")
+    return module.rank_world()[0] if module is not None else 0
 
 
 if __name__ == "__main__":

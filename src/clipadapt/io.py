@@ -10,13 +10,20 @@ from pathlib import Path
 from clipadapt.errors import ClipAdaptError
 
 
+def make_dirs(directory: str | os.PathLike) -> Path:
+    """``mkdir -p``; ClipAdaptError naming the folder when it cannot be created."""
+    directory = Path(directory)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ClipAdaptError(f"{directory}: cannot create directory ({e.strerror})") from e
+    return directory
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     """Call ``write(tmp_path)`` then atomically rename the file to ``path``."""
     path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise ClipAdaptError(f"{path.parent}: cannot create directory ({e.strerror})") from e
+    make_dirs(path.parent)
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
     try:
         write(str(tmp))

@@ -68,11 +68,13 @@ def evaluate_zero_shot(
     num_workers: int | None = None,
     skip_bad: bool = False,
     progress: bool = True,
+    stats: dict | None = None,
 ) -> dict[str, float]:
     """Top-1, top-5 and mean per-class recall (%) of zero-shot CLIP on ``dataset``.
 
     templates: a name for ``clipadapt.templates.get_templates`` or a list; None = the
-    dataset's own templates (METHODS.md).
+    dataset's own templates (METHODS.md). ``stats``: see :func:`clipadapt.features.extract`
+    (``stats["bad"]`` lists the images skipped with ``skip_bad``).
     """
     if templates is None or isinstance(templates, str):
         templates = get_templates(templates if templates is not None else dataset.name)
@@ -84,6 +86,7 @@ def evaluate_zero_shot(
         cache_dir=cache_dir,
         skip_bad=skip_bad,
         progress=progress,
+        stats=stats,
     )
     weights = text_weights(bb, dataset.classnames, templates, cache_dir)
     logits = zero_shot_logits(feats, weights.to(feats.features.device), bb.logit_scale)

@@ -23,7 +23,7 @@ def load_backbone(
         (the embedded model, whose weights are its default).
     pretrained: None (random init, or the name's default), an open_clip tag ("openai",
         "laion2b_s34b_b88k"), a local file (.pt/.pth/.bin/.safetensors: open_clip or OpenAI
-        state dict; a TorchScript archive needs ``trust_checkpoint=True``), or
+        state dict; a TorchScript archive or pickled objects need ``trust_checkpoint=True``), or
         "hf:<folder-or-hub-id>" for a transformers CLIPModel (``name`` is then a label;
         ``load_backbone("hf:...")`` also works).
     """

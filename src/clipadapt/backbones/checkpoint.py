@@ -1,5 +1,6 @@
-"""A user's weights file -> a checked state dict: safetensors, torch.load(weights_only=True),
-TorchScript archives only behind ``trust_checkpoint=True``. Detects OpenAI weights (QuickGELU)."""
+"""A user's weights file -> a checked state dict: safetensors, torch.load(weights_only=True);
+TorchScript archives and pickled objects only behind ``trust_checkpoint=True``. Detects OpenAI
+weights (QuickGELU)."""
 
 from __future__ import annotations
 
@@ -76,7 +77,7 @@ def _load_torchscript(path: Path, trust: bool) -> tuple[dict, bool | None]:
     return dict(module.state_dict()), activation
 
 
-def _load_tensors(path: Path) -> dict:
+def _load_tensors(path: Path, trust: bool) -> dict:
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
@@ -84,10 +85,14 @@ def _load_tensors(path: Path) -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        raise ClipAdaptError(
-            f"{path}: not a plain tensor checkpoint (torch.load(weights_only=True) refused it); "
-            "re-save its state_dict as .safetensors"
-        ) from e
+        if not trust:
+            raise ClipAdaptError(
+                f"{path}: not a plain tensor checkpoint (torch.load(weights_only=True) refused "
+                "its pickled objects, which can run code when loaded); pass --trust-checkpoint "
+                "(trust_checkpoint=True) if you trust its source, or re-save its state_dict as "
+                ".safetensors"
+            ) from e
+    return torch.load(path, map_location="cpu", weights_only=False)  # the user vouched for it
 
 
 def read_checkpoint(path: str | Path, trust_checkpoint: bool = False) -> Checkpoint:
@@ -100,7 +105,7 @@ def read_checkpoint(path: str | Path, trust_checkpoint: bool = False) -> Checkpo
         if _is_torchscript(path):
             sd, quick_gelu = _load_torchscript(path, trust_checkpoint)
         else:
-            sd = _load_tensors(path)
+            sd = _load_tensors(path, trust_checkpoint)
     except ClipAdaptError:
         raise
     except Exception as e:

@@ -1,4 +1,8 @@
-"""`clipadapt extract --model M --data DIR --split test --out CACHE`: cache image embeddings."""
+"""`clipadapt extract --model M --data DIR --split test --out CACHE`: cache image embeddings.
+
+Under `torchrun --nproc_per_node=N -m clipadapt extract ...` the images are sharded by rank:
+each rank writes its own cache shards and rank 0 the manifests (--out must be shared by all).
+"""
 
 from __future__ import annotations
 
@@ -20,6 +24,11 @@ def add_backbone_options(parser: argparse.ArgumentParser) -> None:
         help="open_clip tag, weights file or hf:<folder> (default: the model's)",
     )
     parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    parser.add_argument(
+        "--trust-checkpoint",
+        action="store_true",
+        help="allow a TorchScript or pickled --pretrained file (it can run code when loaded)",
+    )
     parser.add_argument(
         "--data",
         required=True,
@@ -68,12 +77,16 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from clipadapt import distributed
     from clipadapt.backbones import load_backbone
     from clipadapt.data import load_split
     from clipadapt.features import extract
 
+    rank, _, device = distributed.init(args.device)
     dataset = load_split(args.data, args.split)
-    bb = load_backbone(args.model, args.pretrained, device=args.device)
+    bb = load_backbone(
+        args.model, args.pretrained, device=device, trust_checkpoint=args.trust_checkpoint
+    )
     stats: dict = {}
     feats = extract(
         bb,
@@ -86,7 +99,10 @@ def run(args: argparse.Namespace) -> int:
         tokens_layer=args.tokens_layer,
         skip_bad=args.skip_bad,
         stats=stats,
+        progress=rank == 0,
     )
+    if rank != 0:
+        return 0
     computed = max(stats["computed"].values())
     print(
         f"{dataset.name} {args.split}: {len(feats)} images x {feats.features.shape[1]} dims, "
@@ -94,4 +110,6 @@ def run(args: argparse.Namespace) -> int:
     )
     for name, path in stats["entries"].items():
         print(f"  {name}: {path}")
+    for b in stats["bad"]:
+        print(f"  skipped {b['path']}: {b['reason']}")
     return 0

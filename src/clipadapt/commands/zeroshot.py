@@ -1,4 +1,7 @@
-"""`clipadapt zeroshot --model M --data DIR --split test --out results.json`: zero-shot CLIP."""
+"""`clipadapt zeroshot --model M --data DIR --split test --out results.json`: zero-shot CLIP.
+
+Under `torchrun` the feature extraction is sharded by rank and rank 0 writes the result.
+"""
 
 from __future__ import annotations
 
@@ -30,6 +33,7 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from clipadapt import distributed
     from clipadapt.backbones import load_backbone
     from clipadapt.data import load_split
     from clipadapt.features import default_cache_dir
@@ -37,9 +41,13 @@ def run(args: argparse.Namespace) -> int:
     from clipadapt.templates import get_templates, require_templates
     from clipadapt.zeroshot import evaluate_zero_shot
 
+    rank, _, device = distributed.init(args.device)
     dataset = load_split(args.data, args.split)
     templates = require_templates(args.templates) if args.templates else get_templates(dataset.name)
-    bb = load_backbone(args.model, args.pretrained, device=args.device)
+    bb = load_backbone(
+        args.model, args.pretrained, device=device, trust_checkpoint=args.trust_checkpoint
+    )
+    stats: dict = {}
     metrics = evaluate_zero_shot(
         bb,
         dataset,
@@ -48,7 +56,11 @@ def run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         num_workers=args.num_workers,
         skip_bad=args.skip_bad,
+        progress=rank == 0,
+        stats=stats,
     )
+    if rank != 0:
+        return 0
     write_result(
         args.out,
         dataset=dataset.name,
@@ -60,6 +72,7 @@ def run(args: argparse.Namespace) -> int:
         metrics=metrics,
         split=args.split,
         templates=templates,
+        skipped=[{"path": b["path"], "reason": b["reason"]} for b in stats["bad"]],
     )
     print(
         f"{dataset.name} {args.split} zero-shot: top1 {metrics['top1']:.2f}  "

@@ -23,6 +23,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from clipadapt import distributed
 from clipadapt.data.dataset import ClassificationDataset
 from clipadapt.errors import ClipAdaptError
 from clipadapt.features.cache import MemoryEntry, image_list_digest, open_entry, stable_repr
@@ -49,10 +50,19 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 
 def load_rgb(path: str) -> Image.Image:
-    """Decode an image file fully and convert it to RGB."""
-    with Image.open(path) as image:
-        image.load()
-        return to_rgb(image)
+    """Decode an image file fully and convert it to RGB.
+
+    An image over ``PIL.Image.MAX_IMAGE_PIXELS`` (about 89 megapixels unless changed) is refused
+    before it is decoded (ValueError), not decoded with a warning as PIL would.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            with Image.open(path) as image:
+                image.load()
+                return to_rgb(image)
+        except (Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
+            raise ValueError(f"too large to decode safely: {e}") from None
 
 
 def view_seed(seed: int, view: int, index: int) -> int:
@@ -75,18 +85,15 @@ def _seeded(seed: int) -> Iterator[None]:
 
 
 class _Images(Dataset):
-    """Image ``start + j`` -> (index, [one tensor per input] or None, error or None)."""
+    """Image ``i`` -> (i, [one tensor per input] or None, error or None)."""
 
-    def __init__(
-        self, paths: list[str], inputs: list[tuple[Callable, int]], seed: int, start: int
-    ) -> None:
-        self.paths, self.inputs, self.seed, self.start = paths, inputs, seed, start
+    def __init__(self, paths: list[str], inputs: list[tuple[Callable, int]], seed: int) -> None:
+        self.paths, self.inputs, self.seed = paths, inputs, seed
 
     def __len__(self) -> int:
-        return len(self.paths) - self.start
+        return len(self.paths)
 
-    def __getitem__(self, j: int):
-        i = self.start + j
+    def __getitem__(self, i: int):
         try:
             image = load_rgb(self.paths[i])
         except Exception as e:  # any decoder failure is a bad image, reported with its path
@@ -125,43 +132,50 @@ def default_num_workers() -> int:
 
 @dataclass
 class _Stream:
-    """Rows of one cache entry, produced from one input by ``compute``, flushed per shard."""
+    """Rows of one cache entry, produced from one input by ``compute``, written per shard."""
 
     name: str
-    entry: MemoryEntry
+    fields: dict
+    shard_size: int
     input: int
     compute: Callable[[torch.Tensor], torch.Tensor]  # [B,3,H,W] on device -> rows on CPU
     dtype: torch.dtype = torch.float32
-    pos: int = 0
-    buffer: list[torch.Tensor] = field(default_factory=list)
-    bad: list[dict] = field(default_factory=list)
+    entry: MemoryEntry | None = None
+    todo: dict[int, int] = field(default_factory=dict)  # shards to compute: start -> stop
+    pending: dict[int, list[torch.Tensor]] = field(default_factory=dict)
+    bad: dict[int, list[dict]] = field(default_factory=dict)
     row_shape: tuple | None = None
     computed: int = 0
 
-    def __post_init__(self) -> None:
-        self.pos = self.entry.done
+    def wants(self, i: int) -> bool:
+        return i // self.entry.shard_size * self.entry.shard_size in self.todo
 
-    def add(self, i0: int, rows: torch.Tensor, bad: list[dict]) -> None:
-        """Rows for images [i0, i0 + len(rows)); keep the ones not stored yet, flush shards."""
-        skip = self.pos - i0
-        if skip >= rows.shape[0]:
-            return
-        rows = rows[max(skip, 0) :]
-        self.buffer.append(rows)
-        self.bad += [b for b in bad if b["index"] >= self.pos]
-        self.pos += rows.shape[0]
-        self.computed += rows.shape[0]
-        entry = self.entry
-        while self.pos > entry.done and (
-            self.pos - entry.done >= entry.shard_size or self.pos == entry.count
-        ):
-            stop = min(entry.done + entry.shard_size, entry.count)
-            pending = torch.cat(self.buffer)
-            n = stop - entry.done
-            shard_bad = [b for b in self.bad if b["index"] < stop]
-            entry.write_shard(entry.done, pending[:n].clone(), shard_bad)
-            self.buffer = [pending[n:]] if pending.shape[0] > n else []
-            self.bad = [b for b in self.bad if b["index"] >= stop]
+    def add(self, index: list[int], rows: torch.Tensor, bad: list[dict]) -> None:
+        """Rows for images ``index`` (ascending); keep those of shards to compute, write the
+        shards that are complete."""
+        size = self.entry.shard_size
+        starts = [i // size * size for i in index]
+        for start in dict.fromkeys(starts):
+            if start not in self.todo:
+                continue
+            keep = [k for k, s in enumerate(starts) if s == start]
+            self.pending.setdefault(start, []).append(rows[keep])
+            mine = [b for b in bad if b["index"] // size * size == start]
+            self.bad.setdefault(start, []).extend(mine)
+            self.computed += len(keep)
+            if sum(t.shape[0] for t in self.pending[start]) == self.todo[start] - start:
+                shard = torch.cat(self.pending.pop(start))
+                self.entry.write_shard(start, shard, self.bad.pop(start))
+                del self.todo[start]
+
+
+def _aligned_batches(rows: list[int], batch_size: int) -> list[list[int]]:
+    """``rows`` (ascending) grouped by ``row // batch_size``: an image is always encoded in the
+    same batch as in a one-process run from scratch, whatever was cached or which rank runs."""
+    batches: dict[int, list[int]] = {}
+    for i in rows:
+        batches.setdefault(i // batch_size, []).append(i)
+    return list(batches.values())
 
 
 def _run(
@@ -177,33 +191,30 @@ def _run(
     progress: bool,
     desc: str,
 ) -> None:
-    """Decode + forward the images from the earliest unfinished row; feed every stream."""
-    start = min(s.pos for s in streams)
+    """Decode + forward the images of every stream's ``todo`` shards; feed every stream."""
+    rows = sorted({i for s in streams for a, b in s.todo.items() for i in range(a, b)})
+    if not rows:
+        return
     batch_bytes = len(inputs) * batch_size * 3 * bb.image_size**2 * 4
     prefetch = max(1, min(4, PREFETCH_BYTES // max(1, num_workers * batch_bytes)))
     loader = DataLoader(
-        _Images(paths, inputs, seed, start),
-        batch_size=batch_size,
-        shuffle=False,
+        _Images(paths, inputs, seed),
+        batch_sampler=_aligned_batches(rows, batch_size),
         num_workers=num_workers,
         collate_fn=_collate,
         worker_init_fn=_worker_init if num_workers else None,
         pin_memory=bb.device.type == "cuda",
         prefetch_factor=prefetch if num_workers else None,
     )
-    bar = tqdm(total=len(paths), initial=start, unit="img", desc=desc, disable=not progress)
+    bar = tqdm(total=len(rows), unit="img", desc=desc, disable=not progress)
     with bar, torch.no_grad():
         for index, ok, xs, errors in loader:
             bad = [{"index": i, "path": paths[i], "reason": r} for i, r in errors]
             if bad and not skip_bad:
-                b = bad[0]
-                raise ClipAdaptError(
-                    f"{b['path']}: cannot read image ({b['reason']}); "
-                    "pass --skip-bad (skip_bad=True) to skip unreadable images"
-                )
-            i0, n = int(index[0]), len(index)
+                raise ClipAdaptError(_bad_message(bad[0]))
+            index_list, n = index.tolist(), len(index)
             for s in streams:
-                if i0 + n <= s.pos:
+                if not any(s.wants(i) for i in index_list):
                     continue
                 out = None if xs is None else s.compute(xs[s.input].to(bb.device))
                 if out is not None:
@@ -212,13 +223,31 @@ def _run(
                     probe = torch.zeros(1, 3, bb.image_size, bb.image_size, device=bb.device)
                     s.row_shape = tuple(s.compute(probe).shape[1:])
                 if out is not None and out.shape[0] == n:
-                    rows = out
+                    rows_out = out
                 else:
-                    rows = torch.zeros((n, *s.row_shape), dtype=s.dtype)
+                    rows_out = torch.zeros((n, *s.row_shape), dtype=s.dtype)
                     if out is not None:
-                        rows[ok] = out
-                s.add(i0, rows, bad)
+                        rows_out[ok] = out
+                s.add(index_list, rows_out, bad)
             bar.update(n)
+
+
+def _bad_message(b: dict) -> str:
+    return (
+        f"{b['path']}: cannot read image ({b['reason']}); "
+        "pass --skip-bad (skip_bad=True) to skip unreadable images"
+    )
+
+
+def _sharded_size(shard_size: int, n: int, world: int, batch_size: int) -> int:
+    """Shard size for ``world`` ranks: at most one rank's share, rounded up to whole batches."""
+    share = -(-n // world)
+    return max(1, min(shard_size, -(-share // batch_size) * batch_size))
+
+
+def _open_entries(streams: list[_Stream], cache_dir, n: int, rank: int | None) -> None:
+    for s in streams:
+        s.entry = open_entry(cache_dir, s.name, s.fields, n, s.shard_size, rank)
 
 
 def extract(
@@ -232,6 +261,7 @@ def extract(
     num_workers: int | None = None,
     cache_dir: str | os.PathLike | None = None,
     tokens_layer: int | None = None,
+    view_tokens: bool = False,
     skip_bad: bool = False,
     progress: bool = True,
     shard_size: int = 2048,
@@ -243,16 +273,27 @@ def extract(
     Returns a FeatureSet: features [N, D] float32 unnormalised (eval transform), views
     [V, N, D] (V = ``views`` augmented passes with ``bb.train_transform(augment)``; view v of
     image i is seeded by ``view_seed(seed, v, i)``), tokens [N, P, W] fp16 when
-    ``tokens_layer`` is set (``bb.patch_tokens(x, tokens_layer)``). N excludes unreadable
+    ``tokens_layer`` is set (``bb.patch_tokens(x, tokens_layer)``), and view_tokens
+    [V, N, P, W] fp16 of the augmented views too when ``view_tokens``. N excludes unreadable
     images, which raise ClipAdaptError unless ``skip_bad`` (then they are left out and listed
     in the cache manifest and in ``stats["bad"]``).
     cache_dir None computes in memory. ``stats``, if given, receives per-stream counts of rows
     computed and the cache entry folders.
+
+    Inside a torch.distributed process group (``clipadapt.distributed.init``) with a cache
+    folder that every rank sees, each rank computes the shards that start in its block of the
+    images and rank 0 writes the manifests; every rank returns the whole FeatureSet, equal to a
+    one-process run. Without a cache folder every rank computes everything.
     """
     if batch_size < 1:
         raise ClipAdaptError(f"batch_size={batch_size}: expected a positive integer")
     if views < 0:
         raise ClipAdaptError(f"views={views}: expected 0 or more augmented views")
+    if shard_size < 1 or tokens_shard_size < 1:
+        raise ClipAdaptError(
+            f"shard_size={shard_size}, tokens_shard_size={tokens_shard_size}: "
+            "expected positive numbers of rows"
+        )
     paths = dataset.paths
     if not paths:
         raise ClipAdaptError(f"{dataset.name}: the {dataset.split or 'given'} split is empty")
@@ -266,18 +307,8 @@ def extract(
     streams = [
         _Stream(
             "embed-v0",
-            open_entry(
-                cache_dir,
-                "embed-v0",
-                {
-                    **common,
-                    "stream": "image-embeddings",
-                    "view": 0,
-                    "transform": stable_repr(eval_tf),
-                },
-                n,
-                shard_size,
-            ),
+            {**common, "stream": "image-embeddings", "view": 0, "transform": stable_repr(eval_tf)},
+            shard_size,
             0,
             lambda x: bb.encode_images(x, normalize=False).float().cpu(),
         )
@@ -293,7 +324,8 @@ def extract(
         streams.append(
             _Stream(
                 f"tokens-l{tokens_layer}",
-                open_entry(cache_dir, f"tokens-l{tokens_layer}", fields, n, tokens_shard_size),
+                fields,
+                tokens_shard_size,
                 0,
                 lambda x: bb.patch_tokens(x, tokens_layer).half().cpu(),
                 torch.float16,
@@ -312,31 +344,88 @@ def extract(
             }
             inputs.append((train_tf, v))
             streams.append(
-                _Stream(
-                    f"embed-v{v}",
-                    open_entry(cache_dir, f"embed-v{v}", fields, n, shard_size),
-                    len(inputs) - 1,
-                    streams[0].compute,
-                )
+                _Stream(f"embed-v{v}", fields, shard_size, len(inputs) - 1, streams[0].compute)
             )
-    todo = [s for s in streams if not s.entry.complete]
+            if view_tokens and tokens_layer is not None:  # the same view's patch tokens
+                token_fields = {**fields, "stream": "patch-tokens", "layer": tokens_layer}
+                streams.append(
+                    _Stream(
+                        f"tokens-l{tokens_layer}-v{v}",
+                        {**token_fields, "dtype": "float16"},
+                        tokens_shard_size,
+                        len(inputs) - 1,
+                        streams[1].compute,
+                        torch.float16,
+                    )
+                )
+    rank, world = distributed.rank_world()
+    sharded = world > 1 and cache_dir is not None
+    if sharded:
+        for s in streams:
+            s.shard_size = _sharded_size(s.shard_size, n, world, batch_size)
+        if rank == 0:  # alone: fold the parts of an interrupted run, start the manifests
+            _open_entries(streams, cache_dir, n, None)
+            for s in streams:
+                s.entry.fold()
+                s.entry.rank = 0
+        distributed.barrier()
+        if rank != 0:
+            _open_entries(streams, cache_dir, n, rank)
+    else:
+        _open_entries(streams, cache_dir, n, None)
+    for s in streams:
+        s.todo = dict(s.entry.missing())
+        if sharded:
+            s.todo = {a: b for a, b in s.todo.items() if distributed.owner(a, n, world) == rank}
+    todo = [s for s in streams if s.todo]
+    error = None
     if todo:
         used = sorted({s.input for s in todo})
         for s in todo:
             s.input = used.index(s.input)
-        _run(
-            bb,
-            paths,
-            todo,
-            [inputs[k] for k in used],
-            seed=seed,
-            batch_size=batch_size,
-            num_workers=default_num_workers() if num_workers is None else num_workers,
-            skip_bad=skip_bad,
-            progress=progress,
-            desc=f"extract {dataset.name}",
-        )
+        try:
+            _run(
+                bb,
+                paths,
+                todo,
+                [inputs[k] for k in used],
+                seed=seed,
+                batch_size=batch_size,
+                num_workers=default_num_workers() if num_workers is None else num_workers,
+                skip_bad=skip_bad,
+                progress=progress and rank == 0,
+                desc=f"extract {dataset.name}" + (f" [rank {rank}/{world}]" if sharded else ""),
+            )
+        except ClipAdaptError as e:
+            if not sharded:
+                raise
+            error = str(e)
+    if sharded:
+        _gather(streams, cache_dir, n, rank, error)
     return _assemble(dataset, streams, skip_bad, stats)
+
+
+def _gather(streams: list[_Stream], cache_dir, n: int, rank: int, error: str | None) -> None:
+    """After every rank wrote its shards: rank 0 folds the parts into the manifests, then every
+    rank reads the complete entries. A user error on any rank is raised on every rank."""
+    distributed.raise_if_any(error)
+    if rank == 0:
+        for s in streams:
+            s.entry.reload()
+            s.entry.fold()
+    distributed.barrier()
+    if rank != 0:
+        _open_entries(streams, cache_dir, n, rank)
+    missing = next((s.entry.path for s in streams if not s.entry.complete), None)
+    distributed.raise_if_any(
+        None
+        if missing is None
+        else f"{missing}: incomplete after a sharded extraction; "
+        "every rank needs the same cache folder (a shared file system)"
+    )
+    computed = distributed.all_sum(torch.tensor([s.computed for s in streams]))
+    for s, c in zip(streams, computed.tolist(), strict=True):
+        s.computed = int(c)
 
 
 def _assemble(
@@ -344,11 +433,7 @@ def _assemble(
 ) -> FeatureSet:
     bad = {b["index"]: b for s in streams for b in s.entry.bad}
     if bad and not skip_bad:
-        b = bad[min(bad)]
-        raise ClipAdaptError(
-            f"{b['path']}: cannot read image ({b['reason']}); "
-            "pass --skip-bad (skip_bad=True) to skip unreadable images"
-        )
+        raise ClipAdaptError(_bad_message(bad[min(bad)]))
     if bad:
         first = bad[min(bad)]
         warnings.warn(
@@ -367,7 +452,10 @@ def _assemble(
             entries={s.name: None if s.entry.path is None else str(s.entry.path) for s in streams},
             bad=[bad[i] for i in sorted(bad)],
         )
-    tokens = next((rows[s.name] for s in streams if s.name.startswith("tokens-")), None)
+    tokens_name = next((s.name for s in streams if s.name.startswith("tokens-")), None)
+    tokens = rows[tokens_name] if tokens_name else None
+    # tokens-l<layer>-v<v> holds the patch tokens of augmented view embed-v<v>
+    view_tokens = [rows.get(f"{tokens_name}-{k[len('embed-') :]}") for k in view_names]
     labels = torch.tensor(dataset.labels, dtype=torch.long)[keep]
     return FeatureSet(
         features=rows["embed-v0"],
@@ -376,4 +464,5 @@ def _assemble(
         paths=[dataset.paths[i] for i in keep.tolist()],
         views=torch.stack([rows[k] for k in view_names]) if view_names else None,
         tokens=tokens,
+        view_tokens=torch.stack(view_tokens) if view_tokens and None not in view_tokens else None,
     )

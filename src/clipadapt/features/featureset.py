@@ -17,6 +17,7 @@ class FeatureSet:
     labels:   [N] int64 class indices into ``classnames``.
     views:    [V, N, D] unnormalised embeddings of V augmented views, or None.
     tokens:   [N, P, W] patch tokens (fp16), or None.
+    view_tokens: [V, N, P, W] patch tokens (fp16) of the V augmented views, or None.
     """
 
     features: Tensor
@@ -25,6 +26,7 @@ class FeatureSet:
     paths: list[str] = field(default_factory=list)
     views: Tensor | None = None
     tokens: Tensor | None = None
+    view_tokens: Tensor | None = None
 
     def __len__(self) -> int:
         return self.features.shape[0]
@@ -42,6 +44,7 @@ class FeatureSet:
             paths=[self.paths[i] for i in index.tolist()] if self.paths else [],
             views=None if self.views is None else self.views[:, index],
             tokens=None if self.tokens is None else self.tokens[index],
+            view_tokens=None if self.view_tokens is None else self.view_tokens[:, index],
         )
 
 

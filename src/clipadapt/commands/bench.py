@@ -1,0 +1,232 @@
+"""`clipadapt bench --methods a,b --datasets d1,d2 --shots 1,2,4,8,16 --seeds 1,2,3 --out DIR`.
+
+Every (method, dataset, shots, seed) is one run and one JSON in DIR/runs/; a run whose JSON
+exists is skipped, so an interrupted benchmark resumes where it stopped. Zero-shot runs once per
+dataset (0 shots). The drawn few-shot subsets go to DIR/subsets/, the table of mean ± std over
+seeds (and the average over datasets) to DIR/results.md, few-shot curves to DIR/curves/*.png.
+Backbone outputs are cached, so each image goes through the backbone once per view.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from clipadapt.commands.fit import (
+    add_backbone_options,
+    build_method,
+    extract_kwargs,
+    fit_on_subset,
+)
+from clipadapt.errors import ClipAdaptError
+
+ZERO_SHOT = "zero-shot"
+
+
+def _csv(kind):
+    def parse(text: str) -> list:
+        try:
+            values = [kind(t.strip()) for t in text.split(",") if t.strip()]
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(f"{text!r}: expected a comma-separated list") from e
+        if not values:
+            raise argparse.ArgumentTypeError("expected at least one value")
+        return values
+
+    return parse
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "bench", help="benchmark methods x datasets x shots x seeds", description=__doc__
+    )
+    p.add_argument("--methods", type=_csv(str), required=True, help="e.g. zero-shot,tip-adapter")
+    p.add_argument("--datasets", type=_csv(str), required=True, help="names or folders")
+    p.add_argument("--shots", type=_csv(int), default=[1, 2, 4, 8, 16], help="default 1,2,4,8,16")
+    p.add_argument("--seeds", type=_csv(int), default=[1, 2, 3], help="default 1,2,3")
+    p.add_argument("--out", required=True, help="results folder")
+    p.add_argument("--data-root", default=None, help="folder holding the datasets by name")
+    p.add_argument("--split", default="test", choices=["val", "test"], help="evaluation split")
+    p.add_argument("--metric", default="top1", help="metric of the table and curves")
+    p.add_argument(
+        "--hparam",
+        action="append",
+        default=[],
+        metavar="[METHOD:]KEY=VALUE",
+        help="override a hyper-parameter of one method, or of every method that has it",
+    )
+    p.add_argument("--views", type=int, default=None, metavar="N", help="augmented views")
+    p.add_argument("--templates", default=None, help="template set (default: each dataset's)")
+    p.add_argument(
+        "--protocol",
+        default="fewshot",
+        choices=["fewshot", "streetscapes", "base2novel"],
+        help="fewshot (default) or streetscapes: full-data attribute tasks, --datasets are "
+        "manual-labels folders (protocols/streetscapes.py); base2novel: train on the base "
+        "classes, report base / novel / HM (16 shots unless --shots is one number; "
+        "protocols/base2novel.py)",
+    )
+    p.add_argument("--tasks", type=_csv(str), default=None, help="streetscapes: tasks to run")
+    p.add_argument(
+        "--base-rule",
+        default="ceil",
+        choices=["ceil", "floor"],
+        help="base2novel: base = the first ceil(C/2) (default) or floor(C/2) labels",
+    )
+    add_backbone_options(p)
+    p.set_defaults(run=run)
+
+
+def method_hparams(methods: list[str], pairs: list[str]) -> dict[str, list[str]]:
+    """Split ``[method:]key=value`` overrides per method (unprefixed: every method with key)."""
+    from clipadapt.methods import get_class
+
+    fields = {m: {f.name for f in dataclasses.fields(get_class(m).Config)} for m in methods}
+    out: dict[str, list[str]] = {m: [] for m in methods}
+    for pair in pairs:
+        target, sep, rest = pair.partition(":")
+        if sep and "=" not in target:
+            if target not in out:
+                raise ClipAdaptError(f"--hparam {pair!r}: {target!r} is not one of --methods")
+            out[target].append(rest)
+            continue
+        key = pair.partition("=")[0].strip().replace("-", "_")
+        takers = [m for m in methods if key in fields[m]]
+        if not takers:
+            raise ClipAdaptError(f"--hparam {pair!r}: no method in --methods has {key!r}")
+        for m in takers:
+            out[m].append(pair)
+    return out
+
+
+def run(args: argparse.Namespace) -> int:
+    from clipadapt.backbones import load_backbone
+    from clipadapt.data import few_shot, load_dataset, save_subset
+    from clipadapt.features import extract
+    from clipadapt.metrics import classification_metrics
+    from clipadapt.report import write_report
+    from clipadapt.results import read_results, result_filename, write_result
+    from clipadapt.templates import get_templates, require_templates
+    from clipadapt.zeroshot import text_weights
+
+    if args.protocol == "streetscapes":
+        from clipadapt.protocols.streetscapes import run_bench
+
+        return run_bench(args)
+    if args.protocol == "base2novel":
+        from clipadapt.protocols.base2novel import run_bench
+
+        return run_bench(args)
+    out = Path(args.out)
+    runs_dir, subsets_dir = out / "runs", out / "subsets"
+    hparams = method_hparams(args.methods, args.hparam)
+    if any(s < 1 for s in args.shots):
+        raise ClipAdaptError(f"--shots {args.shots}: expected positive numbers of shots")
+    kw = extract_kwargs(args)
+    bb = None
+    done = skipped = 0
+    names = []
+    for dataset_arg in args.datasets:
+        splits = load_dataset(dataset_arg, root=args.data_root)
+        name = splits["train"].name
+        names.append(name)
+        plan = [(ZERO_SHOT, 0, None)] if ZERO_SHOT in args.methods else []
+        plan += [
+            (m, shots, seed)
+            for shots in args.shots
+            for seed in args.seeds
+            for m in args.methods
+            if m != ZERO_SHOT
+        ]
+
+        def result_path(method, shots, seed, name=name):
+            return runs_dir / result_filename(name, args.model, method, shots, seed)
+
+        pending = [p for p in plan if not result_path(*p).exists()]
+        skipped += len(plan) - len(pending)
+        if not pending:
+            continue
+        if bb is None:
+            bb = load_backbone(args.model, args.pretrained, device=args.device)
+        templates = require_templates(args.templates) if args.templates else get_templates(name)
+        weights = text_weights(bb, splits["train"].classnames, templates, kw["cache_dir"])
+        test_sets: dict[str, object] = {}
+
+        def evaluate(method, split=splits[args.split], test_sets=test_sets, bb=bb):
+            options = method.extract_options(train=False)
+            key = repr(sorted(options.items()))
+            if key not in test_sets:
+                test_sets[key] = extract(bb, split, **options, **kw)
+            feats = test_sets[key]
+            return classification_metrics(method.logits(feats).cpu(), feats.labels)
+
+        bar = tqdm(pending, desc=f"bench {name}", unit="run")
+        subset, drawn = None, None
+        for method_name, shots, seed in bar:
+            bar.set_postfix_str(f"{method_name} {shots}-shot seed {seed}")
+            method = build_method(
+                method_name,
+                hparams[method_name],
+                bb=bb,
+                dataset=name,
+                seed=seed if seed is not None else 1,
+                device=args.device,
+            )
+            extras = {}
+            if method_name == ZERO_SHOT:
+                method.fit(None, weights.to(method.device))
+            else:
+                if drawn != (shots, seed):
+                    subset, drawn = few_shot(splits, shots, seed), (shots, seed)
+                    save_subset(
+                        subsets_dir / f"{name}__{shots}shot__seed{seed}.json", subset, shots, seed
+                    )
+                fit_on_subset(
+                    method,
+                    bb,
+                    subset,
+                    templates=templates,
+                    views=args.views,
+                    seed=seed,
+                    extract_kw=kw,
+                )
+                extras = {"fitted": method.fitted, "views": method.meta["views"]}
+            metrics = evaluate(method)
+            write_result(
+                result_path(method_name, shots, seed),
+                dataset=name,
+                model=args.model,
+                pretrained=bb.pretrained,
+                method=method_name,
+                shots=shots,
+                seed=seed,
+                metrics=metrics,
+                split=args.split,
+                hparams=dataclasses.asdict(method.config),
+                templates=templates,
+                **extras,
+            )
+            done += 1
+            tqdm.write(
+                f"{name} {method_name} {shots}-shot seed {seed}: "
+                + ", ".join(f"{k} {v:.2f}" for k, v in metrics.items())
+            )
+    wanted = {(m, s if m != ZERO_SHOT else 0) for m in args.methods for s in args.shots}
+    records = [
+        r
+        for r in (read_results(runs_dir) if runs_dir.is_dir() else [])
+        if r["dataset"] in names
+        and r["model"] == args.model
+        and (r["method"], int(r["shots"] or 0)) in wanted
+        and (r["seed"] in args.seeds or r["method"] == ZERO_SHOT)
+    ]
+    if not records:
+        raise ClipAdaptError(f"{runs_dir}: no results to report")
+    table, curves = write_report(records, out, args.metric, args.methods, names)
+    print(f"{done} runs done, {skipped} skipped (already finished); {len(records)} results")
+    print(table.read_text())
+    print(f"table: {table}\ncurves: {', '.join(str(c) for c in curves)}")
+    return 0

@@ -1,0 +1,175 @@
+"""`clipadapt fit --method M --data DIR --shots K --seed S --out DIR`: fit a few-shot adapter.
+
+Draws the K-shot train and min(K, 4)-shot validation subsets (CoOp protocol, seeded), caches
+their embeddings (plus N augmented views for methods that train on them), fits the method on the
+cached features and writes the adapter folder (config.json + model.safetensors) and the drawn
+subset (subset.json) into --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+from clipadapt.errors import ClipAdaptError
+
+DEFAULT_MODEL = "tiny-shapes"
+
+
+def add_backbone_options(p: argparse.ArgumentParser) -> None:
+    """--model/--pretrained/--device, the feature cache and the extraction options."""
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"backbone (default {DEFAULT_MODEL})")
+    p.add_argument("--pretrained", default=None, help="open_clip tag, weights file or hf:<folder>")
+    p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    add_extract_options(p)
+
+
+def add_extract_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--cache", default=None, help="feature cache folder (default ~/.cache/clipadapt)"
+    )
+    p.add_argument("--batch-size", type=int, default=64, help="images per forward (default 64)")
+    p.add_argument("--num-workers", type=int, default=None, help="decoding processes")
+    p.add_argument("--skip-bad", action="store_true", help="skip unreadable images")
+
+
+def add_method_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--hparam",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a hyper-parameter of the method's config (repeatable)",
+    )
+    p.add_argument(
+        "--views",
+        type=int,
+        default=None,
+        metavar="N",
+        help="augmented views per training image (default: the method's, 10 for the adapters)",
+    )
+    p.add_argument("--templates", default=None, help="template set or a template with {}")
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser("fit", help="fit a few-shot adapter", description=__doc__)
+    p.add_argument("--method", required=True, help="zero-shot, linear-probe, tip-adapter, ...")
+    p.add_argument("--data", required=True, help="dataset folder (CoOp layout, split json, ...)")
+    p.add_argument("--shots", type=int, required=True, help="training images per class")
+    p.add_argument("--seed", type=int, default=1, help="few-shot draw and training seed")
+    p.add_argument("--out", required=True, help="adapter folder to write")
+    add_backbone_options(p)
+    add_method_options(p)
+    p.set_defaults(run=run)
+
+
+def extract_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    from clipadapt.features import default_cache_dir
+
+    return {
+        "cache_dir": args.cache or default_cache_dir(),
+        "batch_size": args.batch_size,
+        "num_workers": args.num_workers,
+        "skip_bad": args.skip_bad,
+    }
+
+
+def build_method(name: str, pairs: list[str], *, bb, dataset: str, seed: int, device: str):
+    """The method with --hparam overrides; the backbone's logit scale, the dataset name and the
+    seed fill the config fields of those names unless given."""
+    from clipadapt.methods import get, get_class, parse_hparams
+
+    hparams = parse_hparams(name, pairs)
+    fields = {f.name for f in dataclasses.fields(get_class(name).Config)}
+    for key, value in {"scale": bb.logit_scale, "dataset": dataset, "seed": seed}.items():
+        if key in fields and key not in hparams:
+            hparams[key] = value
+    return get(name, device=device, **hparams)
+
+
+def fit_on_subset(
+    method,
+    bb,
+    subset: dict,
+    *,
+    templates: list[str],
+    views: int | None,
+    seed: int,
+    extract_kw: dict[str, Any],
+):
+    """Extract (cached) the subset's embeddings, fit ``method`` and fill its ``meta``.
+
+    Returns the text weights [C, D] used."""
+    from clipadapt.features import extract
+    from clipadapt.zeroshot import text_weights
+
+    train, val = subset["train"], subset.get("val")
+    weights = text_weights(bb, train.classnames, templates, extract_kw["cache_dir"])
+    options = method.extract_options(train=True)
+    if views is not None:
+        options["views"] = views
+    train_fs = extract(bb, train, seed=seed, **options, **extract_kw)
+    val_fs = None
+    if val is not None and len(val) > 0:
+        val_fs = extract(bb, val, **method.extract_options(train=False), **extract_kw)
+    method.fit(train_fs, weights.to(method.device), val=val_fs)
+    method.meta = {
+        "classnames": list(train.classnames),
+        "templates": list(templates),
+        "backbone": dict(bb.identity),
+        "embed_dim": bb.embed_dim,
+        "dataset": train.name,
+        "views": options.get("views", 0),
+        "train_images": len(train_fs),
+        "val_images": 0 if val_fs is None else len(val_fs),
+    }
+    return weights
+
+
+def run(args: argparse.Namespace) -> int:
+    from clipadapt.backbones import load_backbone
+    from clipadapt.data import few_shot, load_dataset, save_subset
+    from clipadapt.templates import get_templates, require_templates
+
+    if args.views is not None and args.views < 0:
+        raise ClipAdaptError(f"--views {args.views}: expected 0 or more")
+    splits = load_dataset(args.data)
+    name = splits["train"].name
+    subset = few_shot(splits, args.shots, args.seed)
+    templates = require_templates(args.templates) if args.templates else get_templates(name)
+    bb = load_backbone(args.model, args.pretrained, device=args.device)
+    method = build_method(
+        args.method, args.hparam, bb=bb, dataset=name, seed=args.seed, device=args.device
+    )
+    fit_on_subset(
+        method,
+        bb,
+        subset,
+        templates=templates,
+        views=args.views,
+        seed=args.seed,
+        extract_kw=extract_kwargs(args),
+    )
+    method.meta.update(shots=args.shots, seed=args.seed)
+    out = Path(args.out)
+    method.save(out)
+    save_subset(out / "subset.json", subset, args.shots, args.seed)
+    print(f"{method.name} on {name}, {args.shots} shots, seed {args.seed} -> {out}")
+    print("  " + describe_fitted(method.fitted))
+    return 0
+
+
+def describe_fitted(fitted: dict) -> str:
+    parts = []
+    for key, value in fitted.items():
+        if value is None:
+            continue
+        if "accuracy" in key:
+            parts.append(f"{key.replace('_', ' ')} {100 * value:.2f}")
+        elif isinstance(value, float):
+            parts.append(f"{key} {value:.4g}")
+        else:
+            parts.append(f"{key} {value}")
+    return ", ".join(parts) or "fitted"

@@ -1,0 +1,221 @@
+"""The Method interface: a dataclass config, ``fit`` on cached features, ``logits``, save/load.
+
+An adapter on disk is a folder with two files:
+- ``config.json``: {"format", "method", "config", "meta", "fitted"} where ``meta`` carries the
+  class names, templates and the backbone identity, and ``fitted`` what ``fit`` chose
+  (searched hyper-parameters, selected epoch, validation accuracy);
+- ``model.safetensors``: the tensors of ``state_tensors()``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from clipadapt.errors import ClipAdaptError
+from clipadapt.features.featureset import FeatureSet, as_features
+from clipadapt.io import atomic_write, read_json, write_json
+
+FORMAT = "clipadapt-adapter/1"
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+
+
+class Method:
+    """A few-shot classifier on top of frozen CLIP embeddings.
+
+    Subclasses set ``name`` and ``Config`` (a dataclass whose defaults are the published values)
+    and implement ``fit``, ``logits``, ``state_tensors`` and ``load_state_tensors``.
+    """
+
+    name: ClassVar[str]
+    Config: ClassVar[type]
+    default_views: ClassVar[int] = 0  # augmented views per training image that fit() draws from
+
+    def __init__(self, device: str | torch.device = "cpu", **hparams: Any) -> None:
+        allowed = [f.name for f in dataclasses.fields(self.Config)]
+        unknown = sorted(set(hparams) - set(allowed))
+        if unknown:
+            raise ClipAdaptError(
+                f"unknown hyper-parameter {unknown[0]!r} for method {self.name!r} "
+                f"(expected one of: {', '.join(allowed)})"
+            )
+        self.config = self.Config(**hparams)
+        self.device = torch.device(device)
+        self.meta: dict[str, Any] = {}
+        self.fitted: dict[str, Any] = {}
+
+    # -- the method proper -------------------------------------------------------------------
+    def fit(self, train: FeatureSet, text_weights: Tensor, val: FeatureSet | None = None) -> Method:
+        """Fit on cached train features; ``text_weights`` [C, D] rows L2-normalised."""
+        raise NotImplementedError
+
+    def logits(self, features: Tensor | FeatureSet) -> Tensor:
+        """[N, D] unnormalised embeddings (or a FeatureSet) -> [N, C] logits."""
+        raise NotImplementedError
+
+    def state_tensors(self) -> dict[str, Tensor]:
+        """The tensors that go in model.safetensors."""
+        raise NotImplementedError
+
+    def load_state_tensors(self, tensors: dict[str, Tensor]) -> None:
+        """Restore from ``state_tensors()`` output (shapes come from the tensors)."""
+        raise NotImplementedError
+
+    def extract_options(self, train: bool) -> dict[str, Any]:
+        """Keyword arguments for ``clipadapt.features.extract``: what this method needs cached
+        for its training set (``train=True``) or for the images it classifies."""
+        return {"views": self.default_views} if train else {}
+
+    # -- helpers for subclasses --------------------------------------------------------------
+    def _inputs(self, features: Tensor | FeatureSet) -> Tensor:
+        """[N, D] L2-normalised float32 embeddings on the method's device."""
+        return F.normalize(as_features(features).to(self.device, torch.float32), dim=-1)
+
+    # -- persistence ---------------------------------------------------------------------------
+    def save(self, directory: str | Path) -> Path:
+        """Write config.json + model.safetensors into ``directory`` (atomic per file)."""
+        directory = Path(directory)
+        tensors = {k: v.detach().to("cpu").contiguous() for k, v in self.state_tensors().items()}
+        atomic_write(directory / WEIGHTS_FILE, lambda tmp: save_file(tensors, tmp))
+        write_json(
+            directory / CONFIG_FILE,
+            {
+                "format": FORMAT,
+                "method": self.name,
+                "config": _jsonable(dataclasses.asdict(self.config)),
+                "meta": self.meta,
+                "fitted": self.fitted,
+            },
+        )
+        return directory
+
+    def check_backbone(self, identity: dict[str, Any], embed_dim: int | None = None) -> None:
+        """Raise ClipAdaptError if ``identity`` is not the backbone this adapter was fitted on."""
+        mine = self.meta.get("backbone")
+        if not mine:
+            return
+        # the weights digest identifies the weights wherever the file lives; without one, the tag
+        keys = ["name", "weights_sha256" if mine.get("weights_sha256") else "pretrained"]
+        if any(mine.get(k) != identity.get(k) for k in keys):
+            want = ", ".join(f"{k}={mine.get(k)!r}" for k in keys)
+            got = ", ".join(f"{k}={identity.get(k)!r}" for k in keys)
+            where = self.meta.get("directory", "this adapter")
+            raise ClipAdaptError(
+                f"{where}: adapter was fitted on backbone ({want}) but got ({got}); "
+                "load the same model and weights"
+            )
+        dim = self.meta.get("embed_dim")
+        if embed_dim is not None and dim is not None and int(dim) != int(embed_dim):
+            raise ClipAdaptError(f"adapter expects embed_dim {dim}, backbone has {embed_dim}")
+
+
+def load_adapter(directory: str | Path, backbone: Any = None, device: str = "cpu") -> Method:
+    """Load a saved adapter; if ``backbone`` is given, refuse one that does not match it."""
+    from clipadapt import methods
+
+    directory = Path(directory)
+    cfg_path = directory / CONFIG_FILE
+    if not cfg_path.is_file():
+        raise ClipAdaptError(f"{cfg_path}: file not found (expected an adapter folder)")
+    doc = read_json(cfg_path)
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT:
+        raise ClipAdaptError(f"{cfg_path}: not a clipadapt adapter (expected format {FORMAT!r})")
+    weights = directory / WEIGHTS_FILE
+    if not weights.is_file():
+        raise ClipAdaptError(f"{weights}: file not found")
+    name, config = doc.get("method"), doc.get("config") or {}
+    if not isinstance(name, str) or not isinstance(config, dict):
+        raise ClipAdaptError(f"{cfg_path}: expected a method name and a config object")
+    method = methods.get(name, device=device, **_from_json(methods.get_class(name), config))
+    method.meta = dict(doc.get("meta") or {})
+    method.fitted = dict(doc.get("fitted") or {})
+    try:
+        tensors = load_file(str(weights), device="cpu")
+    except Exception as e:  # safetensors raises its own error types
+        raise ClipAdaptError(f"{weights}: cannot read safetensors ({e})") from e
+    try:
+        method.load_state_tensors({k: v.to(device) for k, v in tensors.items()})
+    except (KeyError, RuntimeError) as e:
+        raise ClipAdaptError(f"{weights}: tensors do not fit method {name!r} ({e})") from e
+    method.meta["directory"] = str(directory)
+    if backbone is not None:
+        method.check_backbone(backbone.identity, getattr(backbone, "embed_dim", None))
+    return method
+
+
+def parse_hparams(method_name: str, pairs: list[str]) -> dict[str, Any]:
+    """``["alpha=2", "steps=200,20"]`` -> typed values for the method's Config fields."""
+    from clipadapt import methods
+
+    cls = methods.get_class(method_name)
+    hints = typing.get_type_hints(cls.Config)
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, text = pair.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or key not in hints:
+            allowed = ", ".join(f.name for f in dataclasses.fields(cls.Config))
+            raise ClipAdaptError(
+                f"--hparam {pair!r}: expected key=value with key one of: {allowed}"
+            )
+        try:
+            out[key] = _coerce(hints[key], text.strip())
+        except ValueError as e:
+            raise ClipAdaptError(f"--hparam {pair!r}: {e}") from e
+    return out
+
+
+def _coerce(tp: Any, text: str) -> Any:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if text.lower() in ("none", "null", ""):
+            if type(None) in args:
+                return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(arg, text)
+            except ValueError:
+                continue
+        raise ValueError(f"cannot read {text!r} as {tp}")
+    if origin is tuple:
+        item = args[0] if args else str
+        return tuple(_coerce(item, t.strip()) for t in text.split(",") if t.strip())
+    if tp is bool:
+        if text.lower() in ("1", "true", "yes", "on"):
+            return True
+        if text.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"expected true/false, got {text!r}")
+    if tp in (int, float, str):
+        return tp(text)
+    raise ValueError(f"unsupported type {tp}")
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, tuple | list):
+        return [_jsonable(x) for x in obj]
+    if isinstance(obj, dict):
+        return {k: _jsonable(v) for k, v in obj.items()}
+    return obj
+
+
+def _from_json(cls: type, config: dict[str, Any]) -> dict[str, Any]:
+    """JSON lists back to tuples where the Config field is a tuple."""
+    hints = typing.get_type_hints(cls.Config)
+    out = {}
+    for key, value in config.items():
+        if isinstance(value, list) and typing.get_origin(hints.get(key)) is tuple:
+            value = tuple(value)
+        out[key] = value
+    return out

@@ -1,0 +1,287 @@
+"""Tip-Adapter (Zhang et al., ECCV 2022): a training-free key-value cache of the few shots.
+
+    keys[M, D]   = normalise(mean over A augmented views of the unnormalised embeddings)
+    values[M, C] = one-hot labels
+    logits       = s · f Wᵀ + α · exp(-β (1 - f keysᵀ)) values
+
+α (residual ratio) and β (sharpness) are searched on the validation set over the published grid
+β_i = 0.1 + i (β_max - 0.1) / 200, α_j = 0.1 + j (α_max - 0.1) / 20 (β outer, α inner, the first
+maximiser wins). ``search_hparams`` returns exactly what the naive 4,000-point loop over
+``tip_logits`` returns, much faster: f·keysᵀ and s·f Wᵀ are computed once, exp once per β, and
+each α reuses the β's cache logits and needs only a max over the non-label classes. Every
+floating-point value it compares is computed by the same operations as in ``tip_logits``, so
+the correct-count at every grid point is identical to the naive loop's (ties in a row go to the
+first maximiser, as argmax does). With the cache's one-hot values in class order (``build_cache``
+orders them), "· values" is a sum over each class's K keys instead of an [N, M] x [M, C] matmul.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from clipadapt.errors import ClipAdaptError
+from clipadapt.features.featureset import FeatureSet
+from clipadapt.methods import register
+from clipadapt.methods.base import Method
+
+# (β_max, α_max) of the published search, per dataset; unknown datasets get DEFAULT_RANGE.
+SEARCH_RANGES: dict[str, tuple[float, float]] = {
+    "imagenet": (7, 3),
+    "caltech101": (12, 5),
+    "dtd": (13, 13),
+    "eurosat": (12, 10),
+    "fgvcaircraft": (30, 30),
+    "food101": (10, 10),
+    "oxfordflowers": (50, 50),
+    "oxfordpets": (7, 3),
+    "stanfordcars": (20, 10),
+    "sun397": (12, 10),
+    "ucf101": (7, 3),
+}
+_ALIASES = {
+    "caltech": "caltech101",
+    "describabletextures": "dtd",
+    "fgvc": "fgvcaircraft",
+    "food": "food101",
+    "flowers": "oxfordflowers",
+    "flowers102": "oxfordflowers",
+    "pets": "oxfordpets",
+    "cars": "stanfordcars",
+    "sun": "sun397",
+    "ucf": "ucf101",
+}
+DEFAULT_RANGE = (7.0, 3.0)
+
+
+def search_range(dataset: str | None) -> tuple[float, float]:
+    """(β_max, α_max) for a dataset name ("caltech-101", "Caltech101", "oxford_pets", ...)."""
+    key = re.sub(r"[^a-z0-9]", "", (dataset or "").lower())
+    key = _ALIASES.get(key, key)
+    beta_max, alpha_max = SEARCH_RANGES.get(key, DEFAULT_RANGE)
+    return float(beta_max), float(alpha_max)
+
+
+def build_cache(train: FeatureSet, num_classes: int) -> tuple[Tensor, Tensor]:
+    """keys [M, D] = normalise(mean over views of unnormalised embeddings); values [M, C] one-hot.
+
+    Without views the eval-transform features are the single "view". Keys are ordered by class
+    (stable), which lets ``tip_logits`` sum each class's affinities instead of a matmul."""
+    views = train.views if train.views is not None else train.features[None]
+    order = torch.sort(train.labels.long(), stable=True).indices
+    keys = F.normalize(views[:, order].float().mean(dim=0), dim=-1)
+    values = F.one_hot(train.labels.long()[order], num_classes).float()
+    return keys, values
+
+
+def _clip_logits(feats: Tensor, text_weights: Tensor, scale: float) -> Tensor:
+    return scale * (feats @ text_weights.T)
+
+
+def _shots_per_class(values: Tensor) -> int | None:
+    """K if values [M, C] is one-hot with classes in order, K consecutive keys each; else None."""
+    m, c = values.shape
+    if c == 0 or m % c:
+        return None
+    k = m // c
+    expected = F.one_hot(torch.arange(c, device=values.device).repeat_interleave(k), c)
+    return k if torch.equal(values, expected.to(values.dtype)) else None
+
+
+def _cache_logits(sharp: Tensor, values: Tensor, shots: int | None) -> Tensor:
+    """sharp [N, M] = exp(-β (1 - f keysᵀ)) -> sharp @ values [N, C].
+
+    With class-ordered one-hot values (``shots`` = K) this is a sum over each class's K columns:
+    M·N additions instead of an M·N·C matmul."""
+    if shots is None:
+        return sharp @ values
+    return sharp.unflatten(-1, (-1, shots)).sum(dim=-1)
+
+
+def tip_logits(
+    feats: Tensor,
+    keys: Tensor,
+    values: Tensor,
+    text_weights: Tensor,
+    alpha: float,
+    beta: float,
+    scale: float = 100.0,
+) -> Tensor:
+    """feats [N, D] and keys [M, D] L2-normalised, values [M, C], text_weights [C, D] -> [N, C]:
+    scale · f Wᵀ + α · exp(-β (1 - f keysᵀ)) values."""
+    sharp = torch.exp(-beta * (1.0 - feats @ keys.T))
+    cache = _cache_logits(sharp, values, _shots_per_class(values))
+    return _clip_logits(feats, text_weights, scale) + alpha * cache
+
+
+def search_grid(beta_max: float, alpha_max: float, steps=(200, 20)) -> tuple[list, list]:
+    """The published grid: β_i = 0.1 + i (β_max - 0.1) / steps[0], i < steps[0]; same for α."""
+    betas = [0.1 + i * (beta_max - 0.1) / steps[0] for i in range(steps[0])]
+    alphas = [0.1 + j * (alpha_max - 0.1) / steps[1] for j in range(steps[1])]
+    return betas, alphas
+
+
+@torch.no_grad()
+def search_hparams(
+    feats: Tensor,
+    labels: Tensor,
+    keys: Tensor,
+    values: Tensor,
+    text_weights: Tensor,
+    beta_max: float,
+    alpha_max: float,
+    steps: tuple[int, int] = (200, 20),
+    scale: float = 100.0,
+    progress: bool | None = None,
+) -> tuple[float, float, float]:
+    """Grid search of (β, α) by accuracy of ``tip_logits`` on (feats [N, D], labels [N]).
+
+    Returns (beta, alpha, accuracy in [0, 1]) of the first maximiser in the order β outer,
+    α inner: the same triple as the naive loop over the grid.
+    """
+    if feats.shape[0] == 0:
+        raise ClipAdaptError("search_hparams: the validation set is empty")
+    betas, alphas = search_grid(beta_max, alpha_max, steps)
+    counts = grid_correct_counts(
+        feats, labels, keys, values, text_weights, betas, alphas, scale, progress
+    )
+    best = int(counts.flatten().argmax())  # first maximiser, β outer, α inner
+    i, j = divmod(best, len(alphas))
+    return betas[i], alphas[j], int(counts[i, j]) / feats.shape[0]
+
+
+@torch.no_grad()
+def grid_correct_counts(
+    feats: Tensor,
+    labels: Tensor,
+    keys: Tensor,
+    values: Tensor,
+    text_weights: Tensor,
+    betas: list[float],
+    alphas: list[float],
+    scale: float = 100.0,
+    progress: bool | None = None,
+) -> Tensor:
+    """[len(betas), len(alphas)] int64: at each (β, α), the number of rows whose first argmax
+    of ``tip_logits(feats, keys, values, text_weights, α, β, scale)`` is the label.
+
+    Same floating-point operations as ``tip_logits``, so the counts are exactly the naive
+    loop's, but f·keysᵀ and s·f Wᵀ are computed once, exp(-β (1 - f keysᵀ)) and the cache
+    logits once per β, and each α needs only a max over the non-label classes.
+    """
+    labels = labels.to(feats.device).long()[:, None]
+    alpha_col = torch.tensor(alphas, dtype=feats.dtype, device=feats.device)[:, None]
+    shots = _shots_per_class(values)
+    clip = _clip_logits(feats, text_weights, scale)  # [N, C]
+    clip_label = clip.gather(1, labels).T  # [1, N]
+    clip_others = clip.scatter(1, labels, float("-inf"))  # the label column masked out
+    one_minus_affinity = 1.0 - feats @ keys.T  # [N, M]
+    sharp = torch.empty_like(one_minus_affinity)
+    mixed = torch.empty_like(clip)
+    others = torch.empty(len(alphas), feats.shape[0], dtype=feats.dtype, device=feats.device)
+    counts = torch.zeros(len(betas), len(alphas), dtype=torch.long)
+    for i, beta in enumerate(
+        tqdm(betas, desc="tip search", leave=False, disable=_disable(progress))
+    ):
+        torch.mul(one_minus_affinity, -beta, out=sharp).exp_()  # exp(-β (1 - f keysᵀ))
+        cache = _cache_logits(sharp, values, shots)  # [N, C]
+        # For every α: the label's logit and the best other logit, [A, N].
+        label_logit = torch.mul(cache.gather(1, labels).T, alpha_col).add_(clip_label)
+        for j, alpha in enumerate(alphas):
+            torch.amax(torch.mul(cache, alpha, out=mixed).add_(clip_others), dim=1, out=others[j])
+        hits = label_logit > others
+        for j, n in (label_logit == others).nonzero().tolist():  # a tie: the first maximiser wins
+            row = clip[n] + alphas[j] * cache[n]
+            hits[j, n] = int(row.argmax()) == int(labels[n])
+        counts[i] = hits.sum(dim=1).cpu()
+    return counts
+
+
+def _disable(progress: bool | None) -> bool | None:
+    return (not progress) if progress is not None else None
+
+
+@dataclass
+class TipAdapterConfig:
+    alpha: float = 1.0  # residual ratio (used when no validation set is given)
+    beta: float = 5.5  # sharpness
+    scale: float = 100.0
+    search: bool = True  # search (β, α) on the validation set when one is given
+    dataset: str | None = None  # picks (β_max, α_max) from SEARCH_RANGES
+    beta_max: float | None = None  # override the dataset's range
+    alpha_max: float | None = None
+    steps: tuple[int, int] = (200, 20)
+
+    def __post_init__(self) -> None:
+        if len(self.steps) != 2 or min(self.steps) < 1:
+            raise ClipAdaptError(f"steps={self.steps}: expected two positive integers")
+
+    def search_range(self) -> tuple[float, float]:
+        beta_max, alpha_max = search_range(self.dataset)
+        return (
+            float(self.beta_max) if self.beta_max is not None else beta_max,
+            float(self.alpha_max) if self.alpha_max is not None else alpha_max,
+        )
+
+
+@register
+class TipAdapter(Method):
+    name = "tip-adapter"
+    Config = TipAdapterConfig
+    default_views = 10  # A: augmented passes averaged into each cache key
+
+    def fit(self, train: FeatureSet, text_weights: Tensor, val: FeatureSet | None = None):
+        self.text_weights = text_weights.detach().to(self.device, torch.float32)
+        keys, values = build_cache(train, self.text_weights.shape[0])
+        self.keys, self.values = keys.to(self.device), values.to(self.device)
+        self._search(val)
+        return self
+
+    def _search(self, val: FeatureSet | None) -> None:
+        """Set the final (α, β): searched on ``val`` if given, else the config's."""
+        alpha, beta = self.config.alpha, self.config.beta
+        self.fitted.update(alpha=alpha, beta=beta)
+        if val is not None and self.config.search:
+            beta_max, alpha_max = self.config.search_range()
+            beta, alpha, acc = search_hparams(
+                self._inputs(val),
+                val.labels,
+                self.keys,
+                self.values,
+                self.text_weights,
+                beta_max,
+                alpha_max,
+                self.config.steps,
+                self.config.scale,
+            )
+            self.fitted.update(
+                alpha=alpha, beta=beta, val_accuracy=acc, search=[beta_max, alpha_max]
+            )
+
+    @torch.no_grad()
+    def logits(self, features: Tensor | FeatureSet) -> Tensor:
+        """[N, D] unnormalised embeddings -> [N, C] with the fitted (α, β)."""
+        if not hasattr(self, "keys"):
+            raise ClipAdaptError(f"{self.name}: call fit(...) or load_adapter(...) first")
+        return tip_logits(
+            self._inputs(features),
+            self.keys,
+            self.values,
+            self.text_weights,
+            self.fitted["alpha"],
+            self.fitted["beta"],
+            self.config.scale,
+        )
+
+    def state_tensors(self) -> dict[str, Tensor]:
+        return {"keys": self.keys, "values": self.values, "text_weights": self.text_weights}
+
+    def load_state_tensors(self, tensors: dict[str, Tensor]) -> None:
+        self.keys = tensors["keys"].to(self.device, torch.float32)
+        self.values = tensors["values"].to(self.device, torch.float32)
+        self.text_weights = tensors["text_weights"].to(self.device, torch.float32)

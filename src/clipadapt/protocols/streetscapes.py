@@ -1,0 +1,404 @@
+"""The StreetScapes protocol (CLIP-MHAdapter): one classifier per attribute task, full supervision.
+
+For each seed and each task of a manual-labels root: the train CSV is split 80/20 (stratified,
+seeded) into train/val, every method is fitted on train (epoch or hyper-parameters selected on
+val) and scored on test: accuracy, macro-F1, weighted-F1 and adjusted balanced accuracy (%).
+``mh-adapter-mt`` (beyond the paper) fits one MultiTaskMHAdapter on all tasks at once and is
+scored per task beside the per-task adapters. The table carries the published MaxViT-T test
+accuracies (trained per attribute) as a reference column.
+
+The backbone runs once per image: the images of all tasks' train CSVs form one pool (eval view,
+V augmented views, and the patch tokens of each view when an mh-adapter is requested), those of
+the test CSVs another (eval view and its tokens); every task's sets are rows of these pools.
+Cached per view as fp16 safetensors shards (benchmarks/mh_tokens.py: reading cached tokens is
+far cheaper than running the backbone again, see docs/mh-adapter.md).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import statistics
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from clipadapt.data.dataset import ClassificationDataset, Item
+from clipadapt.data.streetscapes import StreetTask, find_tasks, manual_labels_root, read_task
+from clipadapt.errors import ClipAdaptError
+from clipadapt.features.featureset import FeatureSet
+from clipadapt.methods import get, get_class
+from clipadapt.methods.mh_adapter import MHAdapter, MHAdapterConfig, MultiTaskMHAdapter
+from clipadapt.metrics import balanced_accuracy, confusion_matrix, macro_f1, weighted_f1
+from clipadapt.results import make_result, read_result, write_result
+
+MULTI_TASK = "mh-adapter-mt"
+DEFAULT_METHODS = ("zero-shot", "linear-probe", "clip-adapter", "mh-adapter", MULTI_TASK)
+METRICS = {
+    "accuracy": "accuracy",
+    "macro_f1": "macro-F1",
+    "weighted_f1": "weighted-F1",
+    "adjusted_balanced_accuracy": "adj. bal. acc.",
+}
+# MaxViT-T, trained per attribute, test accuracy (%) as published with CLIP-MHAdapter
+MAXVIT_ACCURACY = {
+    "pano_status": 99.9,
+    "lighting_condition": 96.2,
+    "glare": 94.1,
+    "view_direction": 87.4,
+    "quality": 79.9,
+    "reflection": 78.7,
+    "weather": 75.5,
+    "platform": 68.3,
+}
+TOKEN_METHODS = ("mh-adapter", MULTI_TASK)
+
+
+def street_metrics(logits: Tensor, labels: Tensor) -> dict[str, float]:
+    """logits [N, C], labels [N] -> the four protocol metrics in %."""
+    confusion = confusion_matrix(logits.argmax(dim=1), labels, logits.shape[1])
+    return {
+        "accuracy": 100.0 * float(confusion.diagonal().sum()) / max(1, int(confusion.sum())),
+        "macro_f1": macro_f1(confusion),
+        "weighted_f1": weighted_f1(confusion),
+        "adjusted_balanced_accuracy": balanced_accuracy(confusion, adjusted=True),
+    }
+
+
+def image_pool(
+    name: str, root: str, split: str, datasets: Sequence[ClassificationDataset]
+) -> ClassificationDataset:
+    """The distinct images of ``datasets``, sorted by path (so the pool, and its cache entries,
+    do not depend on how a seed split train/val), as one unlabelled dataset."""
+    paths = sorted({p for ds in datasets for p in ds.paths})
+    return ClassificationDataset(name, root, [Item(p, 0, "image") for p in paths], ["image"], split)
+
+
+def _rows(pool: FeatureSet, ds: ClassificationDataset) -> tuple[list[int], list[int]]:
+    """(pool rows, item positions) of ``ds``'s images that the pool holds (not unreadable)."""
+    row_of = {p: i for i, p in enumerate(pool.paths)}
+    pos = [i for i, p in enumerate(ds.paths) if p in row_of]
+    return [row_of[ds.paths[i]] for i in pos], pos
+
+
+def task_features(pool: FeatureSet, ds: ClassificationDataset, views: bool) -> FeatureSet:
+    """The rows of ``pool`` for ``ds``'s images, with ``ds``'s labels and class names."""
+    rows, pos = _rows(pool, ds)
+    if not views:
+        pool = dataclasses.replace(pool, views=None, view_tokens=None)
+    labels = torch.tensor([ds.items[i].label for i in pos], dtype=torch.long)
+    return dataclasses.replace(pool.subset(rows), labels=labels, classnames=list(ds.classnames))
+
+
+def multitask_features(pool: FeatureSet, sets: list[ClassificationDataset], views: bool):
+    """Rows of ``pool`` for the union of ``sets`` (one per task); labels [N, T], -1 where an
+    image is not in that task's set."""
+    per_task = [_rows(pool, ds) for ds in sets]
+    rows = sorted({r for task_rows, _ in per_task for r in task_rows})
+    index = {r: i for i, r in enumerate(rows)}
+    labels = torch.full((len(rows), len(sets)), -1, dtype=torch.long)
+    for t, ((task_rows, pos), ds) in enumerate(zip(per_task, sets, strict=True)):
+        for r, i in zip(task_rows, pos, strict=True):
+            labels[index[r], t] = ds.items[i].label
+    if not views:
+        pool = dataclasses.replace(pool, views=None, view_tokens=None)
+    names = [f"{ds.name}:{c}" for ds in sets for c in ds.classnames]
+    return dataclasses.replace(pool.subset(rows), labels=labels, classnames=names)
+
+
+def run_filename(dataset: str, task: str, model: str, method: str, seed: int) -> str:
+    parts = [dataset, task, model, method, f"seed{seed}"]
+    return "__".join(re.sub(r"[^A-Za-z0-9._-]+", "-", str(p)) for p in parts) + ".json"
+
+
+def build_method(name: str, hparams: dict[str, Any], *, scale: float, seed: int, device) -> Any:
+    """A registered method or mh-adapter-mt; the logit scale and the seed fill the config
+    fields of those names unless ``hparams`` sets them."""
+    config = MHAdapterConfig if name == MULTI_TASK else get_class(name).Config
+    fields = {f.name for f in dataclasses.fields(config)}
+    options = {k: v for k, v in (("scale", scale), ("seed", seed)) if k in fields} | hparams
+    if name == MULTI_TASK:
+        return MultiTaskMHAdapter(device=device, **options)
+    return get(name, device=device, **options)
+
+
+def run_streetscapes(
+    bb,
+    root: str | Path,
+    *,
+    out_dir: str | Path,
+    methods: Sequence[str] = DEFAULT_METHODS,
+    tasks: Sequence[str] | None = None,
+    seeds: Sequence[int] = (1,),
+    views: int = 4,
+    hparams: dict[str, dict[str, Any]] | None = None,
+    extract_kw: dict[str, Any] | None = None,
+    val_fraction: float = 0.2,
+    device: str | torch.device = "cpu",
+    model: str | None = None,
+) -> list[dict]:
+    """Fit and score every (task, method, seed); one result JSON per run in ``out_dir/runs``
+    (a run whose JSON exists is read back, not redone). Returns the records.
+
+    bb: the Backbone; methods: registered method names and/or ``mh-adapter-mt``; hparams:
+    per method, Config overrides (mh-adapter-mt takes mh-adapter's fields); views: augmented
+    views of each train image (embedding, and patch tokens for the MH-Adapters).
+    """
+    root = manual_labels_root(root)
+    tasks = list(tasks) if tasks else find_tasks(root)
+    if not tasks:
+        raise ClipAdaptError(f"{root}: no task has both train/<task>.csv and test/<task>.csv")
+    run = _Run(
+        bb=bb,
+        root=root,
+        dataset=root.parent.name if root.name == "manual_labels" else root.name,
+        model=model or bb.name,
+        methods=list(methods),
+        tasks=tasks,
+        views=views,
+        hparams=hparams or {},
+        extract_kw=dict(extract_kw or {}),
+        val_fraction=val_fraction,
+        device=device,
+        runs_dir=Path(out_dir) / "runs",
+    )
+    return [r for seed in seeds for r in run.seed(seed)]
+
+
+@dataclasses.dataclass
+class _Run:
+    """The fixed inputs of a protocol run; ``seed(s)`` does one seed."""
+
+    bb: Any
+    root: Path
+    dataset: str
+    model: str
+    methods: list[str]
+    tasks: list[str]
+    views: int
+    hparams: dict[str, dict[str, Any]]
+    extract_kw: dict[str, Any]
+    val_fraction: float
+    device: str | torch.device
+    runs_dir: Path
+
+    def path(self, task: str, method: str, seed: int) -> Path:
+        return self.runs_dir / run_filename(self.dataset, task, self.model, method, seed)
+
+    def features(self, street: dict[str, StreetTask], seed: int) -> tuple[FeatureSet, FeatureSet]:
+        """(train pool with views, test pool): every task's images through the backbone once."""
+        from clipadapt.features import extract
+
+        tokens = any(m in TOKEN_METHODS for m in self.methods)
+        mh = self.hparams.get("mh-adapter", self.hparams.get(MULTI_TASK, {}))
+        layer = MHAdapterConfig(**mh).tokens_layer if tokens else None
+        train = [s.splits[k] for s in street.values() for k in ("train", "val")]
+        test = [s.splits["test"] for s in street.values()]
+        root, name = str(self.root), self.dataset
+        return (
+            extract(
+                self.bb,
+                image_pool(f"{name}-train", root, "train", train),
+                views=self.views,
+                seed=seed,
+                tokens_layer=layer,
+                view_tokens=tokens,
+                **self.extract_kw,
+            ),
+            extract(
+                self.bb,
+                image_pool(f"{name}-test", root, "test", test),
+                tokens_layer=layer,
+                **self.extract_kw,
+            ),
+        )
+
+    def seed(self, seed: int) -> list[dict]:
+        from clipadapt.zeroshot import text_weights
+
+        runs = [(t, m) for t in self.tasks for m in self.methods]
+        if all(self.path(t, m, seed).is_file() for t, m in runs):
+            return [read_result(self.path(t, m, seed)) for t, m in runs]
+        street = {
+            t: read_task(self.root, t, val_fraction=self.val_fraction, seed=seed)
+            for t in self.tasks
+        }
+        train_pool, test_pool = self.features(street, seed)
+        sets = {
+            t: {
+                "train": task_features(train_pool, s.splits["train"], views=True),
+                "val": task_features(train_pool, s.splits["val"], views=False),
+                "test": task_features(test_pool, s.splits["test"], views=False),
+            }
+            for t, s in street.items()
+        }
+        cache_dir = self.extract_kw.get("cache_dir")
+        weights = {
+            t: text_weights(self.bb, s.classnames, [s.template], cache_dir)
+            for t, s in street.items()
+        }
+        done = {
+            (t, m): read_result(self.path(t, m, seed))
+            for t, m in runs
+            if self.path(t, m, seed).is_file()
+        }
+
+        def save(task: str, method: str, metrics: dict, fitted: dict, config) -> None:
+            s = street[task]
+            fields = dict(
+                dataset=self.dataset,
+                model=self.model,
+                pretrained=self.bb.pretrained,
+                method=method,
+                shots=None,
+                seed=seed,
+                metrics=metrics,
+                protocol="streetscapes",
+                task=task,
+                split="test",
+                template=s.template,
+                labels=s.labels,
+                classnames=s.classnames,
+                sizes={k: len(v) for k, v in sets[task].items()},
+                reference={"MaxViT-T accuracy": MAXVIT_ACCURACY.get(task) if s.builtin else None},
+                views=self.views,
+                hparams=dataclasses.asdict(config),
+                fitted=fitted,
+            )
+            write_result(self.path(task, method, seed), **fields)
+            done[(task, method)] = make_result(**fields)
+
+        todo = [(t, m) for t, m in runs if (t, m) not in done and m != MULTI_TASK]
+        for task, method in tqdm(todo, desc=f"streetscapes seed {seed}", unit="run"):
+            m = build_method(
+                method,
+                self.hparams.get(method, {}),
+                scale=self.bb.logit_scale,
+                seed=seed,
+                device=self.device,
+            )
+            data = sets[task]
+            m.fit(
+                None if method == "zero-shot" else data["train"],
+                weights[task].to(m.device),
+                val=data["val"],
+            )
+            metrics = street_metrics(m.logits(data["test"]).cpu(), data["test"].labels)
+            save(task, method, metrics, m.fitted, m.config)
+        if any((t, MULTI_TASK) not in done for t, m in runs if m == MULTI_TASK):
+            mt = build_method(
+                MULTI_TASK,
+                self.hparams.get(MULTI_TASK, {}),
+                scale=self.bb.logit_scale,
+                seed=seed,
+                device=self.device,
+            )
+            splits = {k: [street[t].splits[k] for t in self.tasks] for k in ("train", "val")}
+            mt.fit(
+                multitask_features(train_pool, splits["train"], views=True),
+                [weights[t].to(mt.device) for t in self.tasks],
+                val=multitask_features(train_pool, splits["val"], views=False),
+            )
+            for i, task in enumerate(self.tasks):
+                test = sets[task]["test"]
+                metrics = street_metrics(mt.logits(test)[i].cpu(), test.labels)
+                save(task, MULTI_TASK, metrics, mt.fitted, mt.config)
+        return [done[run] for run in runs]
+
+
+def _cell(values: list[float]) -> str:
+    if not values:
+        return "–"
+    if len(values) == 1:
+        return f"{values[0]:.2f}"
+    return f"{statistics.fmean(values):.2f} ± {statistics.stdev(values):.2f}"
+
+
+def markdown_table(records: list[dict], methods: Sequence[str] | None = None) -> str:
+    """Rows (task, method), columns the four metrics (mean ± std over seeds) and MaxViT-T's
+    published accuracy (the records' ``reference``: built-in tasks only); a final block
+    averages each method's per-task means over the tasks, when it has them all."""
+    several = len({r["dataset"] for r in records}) > 1
+
+    def task_of(r: dict) -> str:
+        return f"{r['dataset']}/{r['task']}" if several else r["task"]
+
+    tasks = list(dict.fromkeys(task_of(r) for r in records))
+    reference = {task_of(r): (r.get("reference") or {}).get("MaxViT-T accuracy") for r in records}
+    order = list(methods or []) + sorted({r["method"] for r in records} - set(methods or []))
+    values: dict[tuple[str, str, str], list[float]] = {}
+    for r in records:
+        for key in METRICS:
+            values.setdefault((task_of(r), r["method"], key), []).append(r["metrics"][key])
+    header = ["task", "method", *METRICS.values(), "MaxViT-T acc. (ref.)"]
+    lines = ["| " + " | ".join(header) + " |", "|---|---|" + "---:|" * (len(METRICS) + 1)]
+    for task in tasks:
+        ref = reference[task]
+        for method in order:
+            if (task, method, "accuracy") not in values:
+                continue
+            cells = [_cell(values[(task, method, k)]) for k in METRICS]
+            ref_cell = "–" if ref is None else f"{ref:.1f}"
+            lines.append("| " + " | ".join([task, method, *cells, ref_cell]) + " |")
+    for method in order:
+        means = {
+            k: [statistics.fmean(values[(t, method, k)]) for t in tasks if (t, method, k) in values]
+            for k in METRICS
+        }
+        if len(means["accuracy"]) != len(tasks) or len(tasks) < 2:
+            continue
+        refs = [reference[t] for t in tasks if reference[t] is not None]
+        ref_cell = f"{statistics.fmean(refs):.1f}" if len(refs) == len(tasks) else "–"
+        cells = [f"{statistics.fmean(v):.2f}" for v in means.values()]
+        lines.append("| " + " | ".join(["mean over tasks", method, *cells, ref_cell]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def run_bench(args) -> int:
+    """`clipadapt bench --protocol streetscapes --datasets ROOT[,ROOT] --methods ... --out DIR`."""
+    from clipadapt.backbones import load_backbone
+    from clipadapt.commands.bench import method_hparams
+    from clipadapt.commands.fit import extract_kwargs
+    from clipadapt.io import write_text
+    from clipadapt.methods import parse_hparams
+
+    methods = list(args.methods)
+    takers = [m for m in methods if m != MULTI_TASK]
+    if MULTI_TASK in methods and "mh-adapter" not in takers:
+        takers.append("mh-adapter")
+    pairs = method_hparams(takers, args.hparam)
+    hparams = {m: parse_hparams(m, pairs[m]) for m in takers}
+    if MULTI_TASK in methods:
+        hparams[MULTI_TASK] = hparams["mh-adapter"]
+    views = MHAdapter.default_views if args.views is None else args.views
+    if views < 0:
+        raise ClipAdaptError(f"--views {views}: expected 0 or more")
+    bb = load_backbone(args.model, args.pretrained, device=args.device)
+    records = []
+    for name in args.datasets:
+        root = Path(name).expanduser()
+        if not root.exists() and args.data_root:
+            root = Path(args.data_root).expanduser() / name
+        records += run_streetscapes(
+            bb,
+            root,
+            out_dir=args.out,
+            methods=methods,
+            tasks=args.tasks,
+            seeds=args.seeds,
+            views=views,
+            hparams=hparams,
+            extract_kw=extract_kwargs(args),
+            device=args.device,
+            model=args.model,
+        )
+    table = markdown_table(records, methods)
+    title = f"# StreetScapes protocol: test metrics (%), mean ± std over seeds {args.seeds}\n\n"
+    path = write_text(Path(args.out) / "results.md", title + table)
+    print(table)
+    print(f"table: {path}")
+    return 0
