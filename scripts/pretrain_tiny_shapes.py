@@ -1,6 +1,6 @@
 """Pre-train the embedded `tiny-shapes` CLIP on ShapesWorld captions (CPU, reproducible by seed).
 
-    python scripts/pretrain_tiny_shapes.py --steps 3000 --out runs/tiny-shapes
+    python scripts/pretrain_tiny_shapes.py --bf16 --threads 1 --out runs/tiny-shapes --export
 
 The architecture is the open_clip config shipped in src/clipadapt/assets/tiny-shapes/. Scenes
 and captions are generated on the fly (one DataLoader worker); the contrastive targets are
@@ -149,10 +149,10 @@ def param_groups(model, wd):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=3000)
-    ap.add_argument("--batch", type=int, default=256)
+    ap.add_argument("--steps", type=int, default=2000)
+    ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--warmup", type=int, default=200)
+    ap.add_argument("--warmup", type=int, default=100)
     ap.add_argument("--wd", type=float, default=0.1)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--eval-every", type=int, default=250)
@@ -236,8 +236,10 @@ def save_checkpoint(model, opt, out: Path, step: int) -> None:
 
 def export(model, meta_path: Path) -> None:
     state = {k: v.detach().to(torch.float16).contiguous() for k, v in model.state_dict().items()}
-    save_file(state, ASSETS / "model.safetensors", metadata={"source": "scripts/pretrain_tiny_shapes.py",
-                                                              **json.loads(meta_path.read_text())})
+    meta = {k: str(v) for k, v in json.loads(meta_path.read_text()).items()}
+    path = ASSETS / "model.safetensors"
+    save_file(state, path, metadata={"source": "scripts/pretrain_tiny_shapes.py", **meta})
+    path.chmod(0o644)
     print("exported", ASSETS / "model.safetensors")
 
 

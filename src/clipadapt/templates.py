@@ -51,6 +51,7 @@ TEMPLATES: dict[str, list[str]] = {
     "shapesworld-shapes": ["a photo of a {}."],
     "shapesworld-colours": ["a photo of a {} object."],
     "shapesworld-patterns": ["a photo of a {}."],
+    "shapesworld-conditions": ["a photo taken at {}."],
 }
 ENSEMBLES = ("imagenet-select", "openai-80")
 

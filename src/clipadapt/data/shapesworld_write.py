@@ -34,6 +34,13 @@ CLASSIFICATION_TASKS = {
         lambda i: {"shape": i // len(sw.PATTERNS), "pattern": i % len(sw.PATTERNS)},
         "a photo of a {}.",
     ),
+    "conditions": (
+        [f"{light} in {weather} weather" for light in sw.ATTRIBUTES["lighting"]
+         for weather in sw.ATTRIBUTES["weather"]],
+        lambda i: {"attrs": {"lighting": i // len(sw.ATTRIBUTES["weather"]),
+                             "weather": i % len(sw.ATTRIBUTES["weather"])}},
+        "a photo taken at {}.",
+    ),
 }
 SEG_SIZE = 128
 
@@ -55,15 +62,16 @@ def write_classification(
 ) -> Path:
     """A CoOp-style dataset for ``task`` (shapes, colours, patterns); returns its folder.
 
-    ``per_class`` = images per class in (train, val, test). Each image shows one object of the
-    class (other properties and the scene attributes random).
+    ``per_class`` = images per class in (train, val, test). For shapes, colours and patterns
+    each image shows one object of the class (other properties and the scene attributes
+    random); for conditions (lighting x weather) 1-3 random objects under those conditions.
     """
     names, constraint, _ = CLASSIFICATION_TASKS[task]
     folder = Path(root) / f"shapesworld-{task}"
     split_file = folder / f"split_shapesworld-{task}.json"
     if split_file.exists():
         return folder
-    rng = np.random.default_rng([seed, sorted(CLASSIFICATION_TASKS).index(task)])
+    rng = np.random.default_rng([seed, sum(map(ord, task))])
     splits: dict[str, list] = {}
     n = 0
     bar = tqdm(total=sum(per_class) * len(names), desc=f"ShapesWorld {task}", disable=not progress)
@@ -71,7 +79,8 @@ def write_classification(
         entries = []
         for label, name in enumerate(names):
             for _ in range(count):
-                scene = sw.sample_scene(rng, n_objects=(1, 1), **constraint(label))
+                n_objects = (1, 3) if task == "conditions" else (1, 1)
+                scene = sw.sample_scene(rng, n_objects=n_objects, **constraint(label))
                 rel = f"{name.replace(' ', '_')}/{n:05d}.jpg"
                 _save_jpeg(folder / "images" / rel, sw.render(scene, size)[0])
                 entries.append([rel, label, name])
