@@ -345,7 +345,7 @@ INTERRUPT = """
 import functools, os, signal, sys, warnings
 sys.path.insert(0, {tests!r})
 import conftest
-import torch
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 import clipadapt.features as features
 from clipadapt import cli
 from clipadapt.backbones.base import Backbone
@@ -370,7 +370,7 @@ def step_then_ctrl_c(optimizer, args, kwargs):
         ctrl_c()
 
 Backbone.encode_images = encode_then_ctrl_c
-torch.optim.optimizer.register_optimizer_step_pre_hook(step_then_ctrl_c)
+register_optimizer_step_pre_hook(step_then_ctrl_c)
 sys.exit(cli.main(sys.argv[1:]))
 """
 
@@ -411,7 +411,7 @@ def test_ctrl_c_during_extraction_then_rerun_resumes(world, commands, twelve, tm
 
 def test_ctrl_c_during_training_loses_nothing(world, commands, tmp_path, capsys, monkeypatch):
     cache = tmp_path / "cache"
-    fit = ["fit", "--method", "clip-adapter", "--data", str(world["toy"]), "--shots", "2"]
+    fit = ["fit", "--method", "clip-adapter", "--data", str(world["toy"]), "--shots", "1"]
     fit += ["--views", "1", "--hparam", "epochs=2", *_model_args(world), "--cache", str(cache)]
     fit += ["--num-workers", "0"]
     proc = _interrupted(tmp_path, "training", [*fit, "--out", str(tmp_path / "a")])

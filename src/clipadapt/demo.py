@@ -158,7 +158,7 @@ def _segmentation(out: Path, folder: Path, model: str, device: str, limit: int |
             for i in range(min(SEG_OVERLAYS, len(dataset))):
                 image = read_image(dataset.items[i].image)
                 pred = seg.predict(image)
-                save_png(overlay_image(image, pred, seg.names()),
+                save_png(overlay_image(image, pred, seg.names),
                          out / "segmentation" / f"{i:02d}-{attention}.png")
     figures = "\n".join(
         f"![{i:02d}-{a}](segmentation/{i:02d}-{a}.png)"

@@ -54,12 +54,29 @@ def write_text(path: str | os.PathLike, text: str) -> Path:
     return atomic_write(path, write)
 
 
+def read_text(path: str | os.PathLike) -> str:
+    """A UTF-8 text file; ClipAdaptError naming it when it cannot be read or decoded."""
+    path = Path(path)
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ClipAdaptError(f"{path}: not UTF-8 text (byte {e.start})") from e
+    except OSError as e:
+        raise ClipAdaptError(f"{path}: cannot read ({e.strerror})") from e
+
+
 def read_json(path: str | os.PathLike):
     path = Path(path)
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             return json.load(f)
     except FileNotFoundError as e:
         raise ClipAdaptError(f"{path}: file not found") from e
     except json.JSONDecodeError as e:
         raise ClipAdaptError(f"{path}: invalid JSON ({e.msg} at line {e.lineno})") from e
+    except UnicodeDecodeError as e:
+        raise ClipAdaptError(f"{path}: invalid JSON (not UTF-8 text at byte {e.start})") from e
+    except RecursionError as e:
+        raise ClipAdaptError(f"{path}: invalid JSON (nested too deeply)") from e
+    except OSError as e:
+        raise ClipAdaptError(f"{path}: cannot read ({e.strerror})") from e

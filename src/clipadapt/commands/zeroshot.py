@@ -6,6 +6,7 @@ Under `torchrun` the feature extraction is sharded by rank and rank 0 writes the
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from clipadapt.commands.extract import add_backbone_options
 
@@ -37,11 +38,14 @@ def run(args: argparse.Namespace) -> int:
     from clipadapt.backbones import load_backbone
     from clipadapt.data import load_split
     from clipadapt.features import default_cache_dir
+    from clipadapt.io import make_dirs
     from clipadapt.results import write_result
     from clipadapt.templates import get_templates, require_templates
     from clipadapt.zeroshot import evaluate_zero_shot
 
     rank, _, device = distributed.init(args.device)
+    if rank == 0:
+        make_dirs(Path(args.out).parent)  # an unwritable --out fails now, not after the work
     dataset = load_split(args.data, args.split)
     templates = require_templates(args.templates) if args.templates else get_templates(dataset.name)
     bb = load_backbone(

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from clipadapt.data.dataset import ClassificationDataset, Item, is_image, make_splits
 from clipadapt.errors import ClipAdaptError
-from clipadapt.io import read_json
+from clipadapt.io import read_json, read_text
 
 
 @dataclass(frozen=True)
@@ -66,6 +66,13 @@ def canonical_name(name: str, aliases: bool = True) -> str | None:
     return _ALIASES.get(key) if aliases else None
 
 
+def _entries(data: dict, split: str, split_file: Path) -> list:
+    entries = data.get(split, [])
+    if not isinstance(entries, list):
+        raise ClipAdaptError(f"{split_file}: {split!r} is not a list of [path, label, classname]")
+    return entries
+
+
 def read_split_json(
     split_file: Path, image_root: Path, name: str, data: dict | None = None
 ) -> dict[str, ClassificationDataset]:
@@ -76,15 +83,19 @@ def read_split_json(
     names: dict[int, str] = {}
     splits: dict[str, list[Item]] = {}
     for split in ("train", "val", "test"):
-        entries = data.get(split, [])
         items = []
-        for entry in entries:
-            if not (isinstance(entry, list | tuple) and len(entry) == 3):
+        for entry in _entries(data, split, split_file):
+            if not (
+                isinstance(entry, list | tuple)
+                and len(entry) == 3
+                and isinstance(entry[0], str)
+                and isinstance(entry[2], str)
+            ):
                 raise ClipAdaptError(
                     f"{split_file}: {split} entry {entry!r} is not [path, label, classname]"
                 )
             rel, label, classname = entry
-            if not isinstance(label, int) or label < 0:
+            if not isinstance(label, int) or isinstance(label, bool) or label < 0:
                 raise ClipAdaptError(
                     f"{split_file}: unknown label {label!r} for {rel} (expected an integer >= 0)"
                 )
@@ -122,9 +133,10 @@ def read_generic_split(folder: Path, split_file: Path) -> dict[str, Classificati
     data = read_json(split_file)
     if not isinstance(data, dict):
         raise ClipAdaptError(f"{split_file}: expected a JSON object with train/val/test lists")
-    first = next((e[0] for s in ("train", "val", "test") for e in data.get(s, [])[:1]), None)
+    firsts = (e for s in ("train", "val", "test") for e in _entries(data, s, split_file)[:1])
+    first = next((e[0] for e in firsts if isinstance(e, list | tuple) and e), None)
     image_root = folder
-    if first is not None and not (folder / first).is_file():
+    if isinstance(first, str) and not (folder / first).is_file():
         subdirs = sorted(p for p in folder.iterdir() if p.is_dir())
         image_root = next((d for d in subdirs if (d / first).is_file()), folder)
     return read_split_json(split_file, image_root, name, data)
@@ -135,7 +147,7 @@ def read_fgvc_aircraft(folder: Path) -> dict[str, ClassificationDataset]:
     variants_file = folder / "variants.txt"
     if not variants_file.is_file():
         raise ClipAdaptError(f"{folder}: missing split file variants.txt for fgvc_aircraft")
-    classnames = [ln.strip() for ln in variants_file.read_text().splitlines() if ln.strip()]
+    classnames = [ln.strip() for ln in read_text(variants_file).splitlines() if ln.strip()]
     label_of = {c: i for i, c in enumerate(classnames)}
     splits = {}
     for split in ("train", "val", "test"):
@@ -143,7 +155,7 @@ def read_fgvc_aircraft(folder: Path) -> dict[str, ClassificationDataset]:
         if not split_file.is_file():
             raise ClipAdaptError(f"{folder}: missing split file {split_file.name}")
         items = []
-        for lineno, line in enumerate(split_file.read_text().splitlines(), 1):
+        for lineno, line in enumerate(read_text(split_file).splitlines(), 1):
             if not line.strip():
                 continue
             image_id, _, variant = line.strip().partition(" ")
@@ -171,7 +183,7 @@ def read_imagenet(folder: Path) -> dict[str, ClassificationDataset]:
     if not names_file.is_file():
         raise ClipAdaptError(f"{folder}: missing split file classnames.txt for imagenet")
     name_of = {}
-    for line in names_file.read_text().splitlines():
+    for line in read_text(names_file).splitlines():
         wnid, _, name = line.strip().partition(" ")
         if wnid:
             name_of[wnid] = name.strip()

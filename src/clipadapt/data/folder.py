@@ -69,7 +69,7 @@ def read_image_folder(root: Path) -> dict[str, ClassificationDataset]:
 
 def _read_rows(csv_file: Path) -> list[tuple[str, str, str | None]]:
     try:
-        with open(csv_file, newline="") as f:
+        with open(csv_file, newline="", encoding="utf-8") as f:
             reader = csv.DictReader(f)
             fields = reader.fieldnames or []
             if "path" not in fields or "label" not in fields:
@@ -77,12 +77,21 @@ def _read_rows(csv_file: Path) -> list[tuple[str, str, str | None]]:
                     f"{csv_file}: expected a header with columns path,label (got {fields})"
                 )
             has_name = "classname" in fields
-            return [
-                (row["path"], row["label"].strip(), row["classname"] if has_name else None)
-                for row in reader
-            ]
+            rows = []
+            for row in reader:
+                path, label = row["path"], row["label"]
+                if not path or label is None:
+                    raise ClipAdaptError(
+                        f"{csv_file}:{reader.line_num}: expected a path and a label"
+                    )
+                rows.append((path, label.strip(), row["classname"] if has_name else None))
+            return rows
     except OSError as e:
         raise ClipAdaptError(f"{csv_file}: cannot read ({e.strerror})") from e
+    except UnicodeDecodeError as e:
+        raise ClipAdaptError(f"{csv_file}: not UTF-8 text (byte {e.start})") from e
+    except csv.Error as e:
+        raise ClipAdaptError(f"{csv_file}: not a CSV file ({e})") from e
 
 
 def read_csv(path: Path) -> dict[str, ClassificationDataset]:

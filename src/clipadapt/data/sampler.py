@@ -138,6 +138,6 @@ def load_subset(path: str | os.PathLike) -> dict[str, ClassificationDataset]:
                 indices=where.get("index"),
                 parent_split=where.get("parent_split"),
             )
-    except (KeyError, TypeError, ValueError) as e:
-        raise ClipAdaptError(f"{path}: not a few-shot subset file ({e})") from e
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise ClipAdaptError(f"{path}: not a few-shot subset file ({type(e).__name__})") from e
     return out
