@@ -63,10 +63,16 @@ def contrast_group(rng: np.random.Generator, n: int, easy: bool = False) -> list
 
 
 class Batches(torch.utils.data.IterableDataset):
-    """Endless batches of (images uint8 [B,H,W,3], tokens [B,L], facts of images, facts of captions)."""
+    """Endless batches: images uint8 [B,H,W,3], tokens [B,L], image facts, caption facts."""
 
     def __init__(self, seed, batch, size, tokenizer, start=0, easy_steps=0, easy_share=0.0):
-        self.seed, self.batch, self.size, self.tokenizer, self.start = seed, batch, size, tokenizer, start
+        self.seed, self.batch, self.size, self.tokenizer, self.start = (
+            seed,
+            batch,
+            size,
+            tokenizer,
+            start,
+        )
         self.easy_steps, self.easy_share = easy_steps, easy_share
 
     def __iter__(self):
@@ -74,16 +80,23 @@ class Batches(torch.utils.data.IterableDataset):
         while True:
             rng = np.random.default_rng([self.seed, step])
             share = 1.0 if step < self.easy_steps else self.easy_share
-            scenes = [v for _ in range(self.batch // GROUP)
-                      for v in contrast_group(rng, GROUP, easy=rng.random() < share)]
+            scenes = [
+                v
+                for _ in range(self.batch // GROUP)
+                for v in contrast_group(rng, GROUP, easy=rng.random() < share)
+            ]
             images = np.stack([sw.render(s, self.size)[0] for s in scenes])
             caps, cap_facts = zip(*(st.caption(s, rng) for s in scenes), strict=True)
             img_f = np.stack([st.image_facts(s) for s in scenes])
             cap_f = np.zeros_like(img_f)
             for i, fs in enumerate(cap_facts):
                 cap_f[i, fs] = True
-            yield (torch.from_numpy(images), self.tokenizer(list(caps)),
-                   torch.from_numpy(img_f), torch.from_numpy(cap_f))
+            yield (
+                torch.from_numpy(images),
+                self.tokenizer(list(caps)),
+                torch.from_numpy(img_f),
+                torch.from_numpy(cap_f),
+            )
             step += 1
 
 
@@ -92,7 +105,7 @@ def to_input(images: torch.Tensor) -> torch.Tensor:
 
 
 def contrastive_loss(img, txt, scale, img_facts, cap_facts):
-    """Symmetric InfoNCE with multi-positive targets: caption i matches image j if j has i's facts."""
+    """Symmetric InfoNCE, multi-positive: caption i matches image j if j has all i's facts."""
     match = (cap_facts.float() @ (~img_facts).float().T) == 0  # [captions, images]
     logits = scale * txt @ img.T
     t2i = match.float() / match.sum(1, keepdim=True)
@@ -103,7 +116,7 @@ def contrastive_loss(img, txt, scale, img_facts, cap_facts):
 
 
 def eval_sets(seed: int, n: int, size: int):
-    """Held-out single-object classification sets: {task: (images, labels, classnames, template)}."""
+    """Held-out classification sets: {task: (images, labels, classnames, template)}."""
     rng = np.random.default_rng([seed, 10**6])
     out = {}
     tasks = {
@@ -116,15 +129,25 @@ def eval_sets(seed: int, n: int, size: int):
         out[name] = (np.stack([sw.render(s, size)[0] for s in scenes]), labels, names, template)
     pat = [f"{p} {s}" for s in sw.SHAPES for p in sw.PATTERNS]
     labels = rng.integers(len(pat), size=n)
-    scenes = [sw.sample_scene(rng, n_objects=(1, 1), shape=int(y) // 3, pattern=int(y) % 3)
-              for y in labels]
-    out["pattern"] = (np.stack([sw.render(s, size)[0] for s in scenes]), labels, pat,
-                      "a photo of a {}.")
+    scenes = [
+        sw.sample_scene(rng, n_objects=(1, 1), shape=int(y) // 3, pattern=int(y) % 3)
+        for y in labels
+    ]
+    out["pattern"] = (
+        np.stack([sw.render(s, size)[0] for s in scenes]),
+        labels,
+        pat,
+        "a photo of a {}.",
+    )
     for attr, values in sw.ATTRIBUTES.items():
         labels = rng.integers(len(values), size=n)
         scenes = [sw.sample_scene(rng, attrs={attr: int(y)}) for y in labels]
-        out[attr] = (np.stack([sw.render(s, size)[0] for s in scenes]), labels, values,
-                     sw.ATTRIBUTE_TEMPLATES[attr])
+        out[attr] = (
+            np.stack([sw.render(s, size)[0] for s in scenes]),
+            labels,
+            values,
+            sw.ATTRIBUTE_TEMPLATES[attr],
+        )
     return out
 
 
@@ -148,7 +171,9 @@ def param_groups(model, wd):
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--steps", type=int, default=2000)
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--lr", type=float, default=1e-3)
@@ -160,7 +185,9 @@ def main() -> None:
     ap.add_argument("--resume", action="store_true", help="continue from OUT/last.safetensors")
     ap.add_argument("--export", action="store_true", help="write the fp16 weights into the package")
     ap.add_argument("--threads", type=int, default=0)
-    ap.add_argument("--easy-steps", type=int, default=300, help="curriculum: clean single objects first")
+    ap.add_argument(
+        "--easy-steps", type=int, default=300, help="curriculum: clean single objects first"
+    )
     ap.add_argument("--easy-share", type=float, default=0.2, help="share of easy groups afterwards")
     ap.add_argument("--bf16", action="store_true", help="bfloat16 autocast (fp32 master weights)")
     args = ap.parse_args()
@@ -171,7 +198,11 @@ def main() -> None:
     torch.manual_seed(args.seed)
     model = open_clip.create_model("tiny-shapes", pretrained=None)
     tokenizer = open_clip.get_tokenizer("tiny-shapes")
-    size = model.visual.image_size[0] if isinstance(model.visual.image_size, tuple) else model.visual.image_size
+    size = (
+        model.visual.image_size[0]
+        if isinstance(model.visual.image_size, tuple)
+        else model.visual.image_size
+    )
     opt = torch.optim.AdamW(param_groups(model, args.wd), lr=args.lr, betas=(0.9, 0.98), eps=1e-6)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -182,12 +213,18 @@ def main() -> None:
         start = state["step"]
         opt_state = load_file(out / "last-opt.safetensors")
         for i, p in enumerate(p for g in opt.param_groups for p in g["params"]):
-            opt.state[p] = {"step": opt_state[f"{i}.step"], "exp_avg": opt_state[f"{i}.exp_avg"],
-                            "exp_avg_sq": opt_state[f"{i}.exp_avg_sq"]}
+            opt.state[p] = {
+                "step": opt_state[f"{i}.step"],
+                "exp_avg": opt_state[f"{i}.exp_avg"],
+                "exp_avg_sq": opt_state[f"{i}.exp_avg_sq"],
+            }
     sets = eval_sets(args.seed + 1, 400, size)
     loader = torch.utils.data.DataLoader(
-        Batches(args.seed, args.batch, size, tokenizer, start, args.easy_steps, args.easy_share), batch_size=None, num_workers=1,
-        prefetch_factor=4, persistent_workers=True,
+        Batches(args.seed, args.batch, size, tokenizer, start, args.easy_steps, args.easy_share),
+        batch_size=None,
+        num_workers=1,
+        prefetch_factor=4,
+        persistent_workers=True,
     )
     log = open(out / "log.jsonl", "a")
     model.train()
@@ -195,7 +232,12 @@ def main() -> None:
     for step, (images, tokens, img_f, cap_f) in enumerate(loader, start=start):
         if step >= args.steps:
             break
-        lr = args.lr * min(1.0, (step + 1) / args.warmup) * 0.5 * (1 + math.cos(math.pi * step / args.steps))
+        lr = (
+            args.lr
+            * min(1.0, (step + 1) / args.warmup)
+            * 0.5
+            * (1 + math.cos(math.pi * step / args.steps))
+        )
         for g in opt.param_groups:
             g["lr"] = lr
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
@@ -209,11 +251,20 @@ def main() -> None:
         with torch.no_grad():
             model.logit_scale.clamp_(0, math.log(100))
         if (step + 1) % 25 == 0:
-            print(f"step {step + 1} loss {loss.item():.4f} scale {model.logit_scale.exp().item():.1f} "
-                  f"lr {lr:.2e} {(time.time() - t0) / 60:.1f} min", flush=True)
+            print(
+                f"step {step + 1} loss {loss.item():.4f} "
+                f"scale {model.logit_scale.exp().item():.1f} "
+                f"lr {lr:.2e} {(time.time() - t0) / 60:.1f} min",
+                flush=True,
+            )
         if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
             accs = evaluate(model, tokenizer, sets)
-            rec = {"step": step + 1, "loss": loss.item(), "minutes": (time.time() - t0) / 60, **accs}
+            rec = {
+                "step": step + 1,
+                "loss": loss.item(),
+                "minutes": (time.time() - t0) / 60,
+                **accs,
+            }
             print(json.dumps(rec), flush=True)
             log.write(json.dumps(rec) + "\n")
             log.flush()
@@ -223,7 +274,9 @@ def main() -> None:
 
 
 def save_checkpoint(model, opt, out: Path, step: int) -> None:
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, out / "last.safetensors.tmp")
+    save_file(
+        {k: v.contiguous() for k, v in model.state_dict().items()}, out / "last.safetensors.tmp"
+    )
     opt_state = {}
     for i, p in enumerate(p for g in opt.param_groups for p in g["params"]):
         for k, v in opt.state.get(p, {}).items():

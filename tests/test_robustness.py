@@ -351,7 +351,8 @@ from clipadapt import cli
 from clipadapt.backbones.base import Backbone
 
 warnings.simplefilter("ignore")
-cli.COMMANDS = ["extract", "fit"]
+signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal, even if we inherit
+cli.COMMANDS = ["extract", "fit"]                          # SIGINT ignored (a background job)
 features.extract = functools.partial(features.extract, shard_size=4)
 encode, calls = Backbone.encode_images, {{"encode": 0, "step": 0}}
 

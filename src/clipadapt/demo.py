@@ -66,35 +66,98 @@ def run_demo(
 
     # 1. Zero-shot on every classification task.
     tasks = ["shapes", "colours", "patterns", "conditions"]
-    _cli(["bench", "--methods", "zero-shot", "--datasets", csv(str(data[t]) for t in tasks),
-          "--shots", "1", "--seeds", "1", "--out", str(out / "zeroshot"), *backbone])
+    _cli(
+        [
+            "bench",
+            "--methods",
+            "zero-shot",
+            "--datasets",
+            csv(str(data[t]) for t in tasks),
+            "--shots",
+            "1",
+            "--seeds",
+            "1",
+            "--out",
+            str(out / "zeroshot"),
+            *backbone,
+        ]
+    )
     # 2. Few-shot methods on the fine-grained task.
     methods = _available(FEWSHOT_METHODS)
     fewshot_data = csv(str(data[t]) for t in FEWSHOT_TASKS)
-    _cli(["bench", "--methods", csv(methods), "--datasets", fewshot_data,
-          "--shots", csv(map(str, shots)), "--seeds", csv(map(str, seeds)),
-          "--out", str(out / "fewshot"), *backbone])
+    _cli(
+        [
+            "bench",
+            "--methods",
+            csv(methods),
+            "--datasets",
+            fewshot_data,
+            "--shots",
+            csv(map(str, shots)),
+            "--seeds",
+            csv(map(str, seeds)),
+            "--out",
+            str(out / "fewshot"),
+            *backbone,
+        ]
+    )
     records = _records(out / "zeroshot", "zero-shot") + _records(out / "fewshot", "few-shot")
-    sections += [_section("Zero-shot on every task (top-1 %)", out / "zeroshot" / "results.md"),
-                 _section(f"Few-shot on the fine-grained tasks {', '.join(FEWSHOT_TASKS)} (top-1 %)",
-                          out / "fewshot" / "results.md"),
-                 _figures(out, out / "fewshot" / "curves")]
+    sections += [
+        _section("Zero-shot on every task (top-1 %)", out / "zeroshot" / "results.md"),
+        _section(
+            f"Few-shot on the fine-grained tasks {', '.join(FEWSHOT_TASKS)} (top-1 %)",
+            out / "fewshot" / "results.md",
+        ),
+        _figures(out, out / "fewshot" / "curves"),
+    ]
     # 3. Base-to-novel generalisation.
     b2n = _available(["zero-shot", "linear-probe", "clip-adapter", "tip-adapter-f", "mm-adapter"])
     if "mm-adapter" in b2n:
-        _cli(["bench", "--protocol", "base2novel", "--methods", csv(b2n), "--datasets",
-              fewshot_data, "--shots", "16", "--seeds", csv(map(str, seeds)),
-              "--out", str(out / "base2novel"), *backbone])
-        records += _records(out / "base2novel", "base-to-novel")
-        sections.append(_section("Base-to-novel (accuracy %)", out / "base2novel" / "results.md"))
+        _cli(
+            [
+                "bench",
+                "--protocol",
+                "base2novel",
+                "--methods",
+                csv(b2n),
+                "--datasets",
+                fewshot_data,
+                "--shots",
+                "16",
+                "--seeds",
+                csv(map(str, seeds)),
+                "--out",
+                str(out / "base2novel"),
+                *backbone,
+            ]
+        )
+        records += _records(out / "base2novel", "base-to-novel", "runs-base2novel")
+        sections.append(
+            _section("Base-to-novel (accuracy %)", out / "base2novel" / "base2novel.md")
+        )
     # 4. Street-view style scene attributes from patch tokens.
     if "mh-adapter" in _available(["mh-adapter"]):
         street = _available(["zero-shot", "linear-probe", "clip-adapter", "mh-adapter"])
-        _cli(["bench", "--protocol", "streetscapes", "--methods", csv(street), "--datasets",
-              str(data["streets"]), "--seeds", "1", "--out", str(out / "streets"), *backbone])
+        _cli(
+            [
+                "bench",
+                "--protocol",
+                "streetscapes",
+                "--methods",
+                csv(street),
+                "--datasets",
+                str(data["streets"]),
+                "--seeds",
+                "1",
+                "--out",
+                str(out / "streets"),
+                *backbone,
+            ]
+        )
         records += _records(out / "streets", "scene attributes")
-        sections.append(_section("Scene attributes (StreetScapes protocol)",
-                                 out / "streets" / "results.md"))
+        sections.append(
+            _section("Scene attributes (StreetScapes protocol)", out / "streets" / "results.md")
+        )
     # 5. Segmentation: SCLIP's correlative self-attention against vanilla CLIP and its peers.
     seg_records, seg_md = _segmentation(out, data["seg"], model, device, seg_images)
     records += seg_records
@@ -102,25 +165,36 @@ def run_demo(
 
     minutes = (time.time() - start) / 60
     write_json(out / "results.json", records)
-    header = (f"# clipadapt demo: `{model}` on ShapesWorld\n\n"
-              f"{len(records)} runs in {minutes:.1f} min. Raw records: `results.json`.\n")
+    header = (
+        f"# clipadapt demo: `{model}` on ShapesWorld\n\n"
+        f"{len(records)} records; this invocation took {minutes:.1f} min (runs already "
+        "finished in DIR are reused). Raw records: `results.json`.\n"
+    )
     report = write_text(out / "report.md", "\n\n".join([header, *sections]) + "\n")
     print(report.read_text())
     print(f"wrote {out / 'results.json'} and {report}")
     return records
 
 
-def _records(folder: Path, task_kind: str) -> list[dict]:
+def _records(folder: Path, task_kind: str, runs: str = "runs") -> list[dict]:
     from clipadapt.results import read_results
 
-    runs = folder / "runs"
+    runs = folder / runs
     if not runs.is_dir():
         return []
     out = []
     for r in read_results(runs):
         task = r.get("task") or r["dataset"]
-        out.append({"task": task, "protocol": task_kind, "method": r["method"],
-                    "shots": r.get("shots"), "seed": r.get("seed"), "metrics": r["metrics"]})
+        out.append(
+            {
+                "task": task,
+                "protocol": task_kind,
+                "method": r["method"],
+                "shots": r.get("shots"),
+                "seed": r.get("seed"),
+                "metrics": r["metrics"],
+            }
+        )
     return out
 
 
@@ -148,25 +222,41 @@ def _segmentation(out: Path, folder: Path, model: str, device: str, limit: int |
     for attention in SEG_ATTENTIONS:
         seg = Segmenter(bb, classes, attention=attention, cache_dir=out / "cache")
         result = evaluate(seg, dataset, limit=limit, progress=True, names=classes)
-        records.append({"task": "segmentation", "protocol": "segmentation",
-                        "method": f"sclip-{attention}" if attention == "csa" else attention,
-                        "shots": 0, "seed": None,
-                        "metrics": {"mIoU": result["mIoU"], "aAcc": result["aAcc"],
-                                    "per_class_iou": result["per_class_iou"]}})
+        records.append(
+            {
+                "task": "segmentation",
+                "protocol": "segmentation",
+                "method": f"sclip-{attention}" if attention == "csa" else attention,
+                "shots": 0,
+                "seed": None,
+                "metrics": {
+                    "mIoU": result["mIoU"],
+                    "aAcc": result["aAcc"],
+                    "per_class_iou": result["per_class_iou"],
+                },
+            }
+        )
         rows.append(f"| {attention} | {result['mIoU']:.2f} | {result['aAcc']:.2f} |")
         if attention in ("vanilla", "csa"):
             for i in range(min(SEG_OVERLAYS, len(dataset))):
                 image = read_image(dataset.items[i].image)
                 pred = seg.predict(image)
-                save_png(overlay_image(image, pred, seg.names),
-                         out / "segmentation" / f"{i:02d}-{attention}.png")
+                save_png(
+                    overlay_image(image, pred, seg.names),
+                    out / "segmentation" / f"{i:02d}-{attention}.png",
+                )
     figures = "\n".join(
         f"![{i:02d}-{a}](segmentation/{i:02d}-{a}.png)"
-        for i in range(min(SEG_OVERLAYS, len(dataset))) for a in ("vanilla", "csa")
+        for i in range(min(SEG_OVERLAYS, len(dataset)))
+        for a in ("vanilla", "csa")
     )
-    md = ("## Open-vocabulary segmentation (ShapesWorld seg, mIoU %)\n\n"
-          "| attention | mIoU | pixel acc. |\n|---|---|---|\n" + "\n".join(rows)
-          + "\n\nOverlays (vanilla CLIP, then SCLIP):\n\n" + figures)
+    md = (
+        "## Open-vocabulary segmentation (ShapesWorld seg, mIoU %)\n\n"
+        "| attention | mIoU | pixel acc. |\n|---|---|---|\n"
+        + "\n".join(rows)
+        + "\n\nOverlays (vanilla CLIP, then SCLIP):\n\n"
+        + figures
+    )
     return records, md
 
 
@@ -174,7 +264,13 @@ def _seg_dataset(folder: Path):
     from clipadapt.data.mmseg import SegItem, SegmentationDataset
 
     images = sorted((folder / "images" / "validation").glob("*.jpg"))
-    items = [SegItem(str(p), str(folder / "annotations" / "validation" / f"{p.stem}.png"))
-             for p in images]
-    return SegmentationDataset(name="shapesworld-seg", root=str(folder), items=items,
-                               classnames=(folder / "classnames.txt").read_text().splitlines())
+    items = [
+        SegItem(str(p), str(folder / "annotations" / "validation" / f"{p.stem}.png"))
+        for p in images
+    ]
+    return SegmentationDataset(
+        name="shapesworld-seg",
+        root=str(folder),
+        items=items,
+        classnames=(folder / "classnames.txt").read_text().splitlines(),
+    )

@@ -1,4 +1,4 @@
-"""The one exception type users see: a single line naming the file or value and what was expected."""
+"""The one exception type users see: one line naming the file or value and what was expected."""
 
 
 class ClipAdaptError(Exception):

@@ -29,7 +29,8 @@ def run(args: argparse.Namespace) -> int:
         seeds = tuple(int(s) for s in args.seeds.split(","))
         shots = tuple(int(s) for s in args.shots.split(","))
     except ValueError as e:
-        raise ClipAdaptError(f"--seeds {args.seeds!r} / --shots {args.shots!r}: expected "
-                             "comma-separated integers") from e
+        raise ClipAdaptError(
+            f"--seeds {args.seeds!r} / --shots {args.shots!r}: expected comma-separated integers"
+        ) from e
     run_demo(args.out, model=args.model, device=args.device, seeds=seeds, shots=shots)
     return 0

@@ -35,10 +35,17 @@ CLASSIFICATION_TASKS = {
         "a photo of a {}.",
     ),
     "conditions": (
-        [f"{light} in {weather} weather" for light in sw.ATTRIBUTES["lighting"]
-         for weather in sw.ATTRIBUTES["weather"]],
-        lambda i: {"attrs": {"lighting": i // len(sw.ATTRIBUTES["weather"]),
-                             "weather": i % len(sw.ATTRIBUTES["weather"])}},
+        [
+            f"{light} in {weather} weather"
+            for light in sw.ATTRIBUTES["lighting"]
+            for weather in sw.ATTRIBUTES["weather"]
+        ],
+        lambda i: {
+            "attrs": {
+                "lighting": i // len(sw.ATTRIBUTES["weather"]),
+                "weather": i % len(sw.ATTRIBUTES["weather"]),
+            }
+        },
         "a photo taken at {}.",
     ),
 }
@@ -169,7 +176,9 @@ def write_segmentation(
 
 def write_all(root: str | Path, seed: int = 0, progress: bool = True) -> dict[str, Path]:
     """Every demo dataset under ``root``; existing ones are kept."""
-    out = {t: write_classification(root, t, seed=seed, progress=progress) for t in CLASSIFICATION_TASKS}
+    out = {
+        t: write_classification(root, t, seed=seed, progress=progress) for t in CLASSIFICATION_TASKS
+    }
     out["streets"] = write_streets(root, seed=seed, progress=progress)
     out["seg"] = write_segmentation(root, seed=seed, progress=progress)
     return out
