@@ -24,7 +24,7 @@ from clipadapt import cli, distributed
 from clipadapt.data import load_split
 from clipadapt.errors import ClipAdaptError
 from clipadapt.features import extract
-from clipadapt.features.extract import _aligned_batches, _sharded_size
+from clipadapt.features.extract import _AlignedBatches, _sharded_size
 
 TESTS = Path(__file__).parent
 N_IMAGES = 12  # classes a, b, c with 4 images each; image 9 (c/01.png) lies in rank 1's half
@@ -67,7 +67,9 @@ def test_sharded_shards_and_batches_line_up():
     assert _sharded_size(4, 1000, 2, 64) == 4
     assert _sharded_size(2048, 100_000, 8, 64) == 2048
     # batches follow row // batch_size, so a resumed or sharded run batches images as one run
-    assert _aligned_batches([0, 1, 2, 5, 6, 7, 8], 3) == [[0, 1, 2], [5], [6, 7, 8]]
+    assert list(_AlignedBatches([(6, 9), (0, 3), (5, 7)], 3)) == [[0, 1, 2], [5], [6, 7, 8]]
+    assert list(_AlignedBatches([(0, 2), (2, 4), (8, 9)], 3)) == [[0, 1, 2], [3], [8]]
+    assert len(_AlignedBatches([(0, 2), (2, 4), (8, 9)], 3)) == 3
 
 
 # --- torchrun ----------------------------------------------------------------------------------
@@ -272,3 +274,75 @@ def test_torchrun_extract_equals_one_process(setup, torchrun, tmp_path, capsys, 
     assert a.paths == b.paths and len(a.paths) == N_IMAGES - 1
     assert torch.equal(a.features, b.features) and torch.equal(a.views, b.views)
     assert torch.equal(a.labels, b.labels)
+
+
+# --- `clipadapt eval` under torchrun -----------------------------------------------------------
+EVAL_SCRIPT = """
+import sys, warnings
+sys.path.insert(0, {tests!r})
+import conftest  # registers the tiny test architectures with open_clip
+from clipadapt import cli
+
+warnings.simplefilter("ignore")
+cli.COMMANDS = ["eval"]
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+def test_torchrun_eval_equals_one_process(setup, tmp_path, capsys, monkeypatch):
+    from test_cli_fewshot import _write_dataset
+
+    monkeypatch.setattr(cli, "COMMANDS", ["fit", "eval"])
+    data = _write_dataset(tmp_path / "toy", "Toy", seed=0, per_split=(2, 2, 4))
+    model = ["--model", TINY_VIT, "--pretrained", str(setup["weights"]), "--num-workers", "0"]
+    adapter = tmp_path / "adapter"
+    fit = ["fit", "--method", "linear-probe", "--data", str(data), "--shots", "2"]
+    assert cli.main([*fit, "--out", str(adapter), "--cache", str(tmp_path / "c0"), *model]) == 0
+    bad = data / "images" / "green" / "test1.png"  # row 5 of 12: in rank 0's half
+    bad.write_bytes(bad.read_bytes()[:60])
+
+    def eval_args(name: str) -> list[str]:
+        return [
+            "eval",
+            "--adapter",
+            str(adapter),
+            "--data",
+            str(data),
+            "--split",
+            "test",
+            "--skip-bad",
+            "--batch-size",
+            "2",
+            "--num-workers",
+            "0",
+            "--cache",
+            str(tmp_path / f"cache-{name}"),
+            "--out",
+            str(tmp_path / f"{name}.json"),
+        ]
+
+    with pytest.warns(UserWarning, match="skipped 1 unreadable"):
+        assert cli.main(eval_args("single")) == 0
+    capsys.readouterr()
+    script = tmp_path / "eval_job.py"
+    script.write_text(textwrap.dedent(EVAL_SCRIPT.format(tests=str(TESTS))))
+    proc = _torchrun(script, *eval_args("sharded"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert len([ln for ln in proc.stdout.splitlines() if "images)" in ln]) == 1, proc.stdout
+    single = json.loads((tmp_path / "single.json").read_text())
+    sharded = json.loads((tmp_path / "sharded.json").read_text())
+    assert sharded["metrics"] == pytest.approx(single["metrics"], abs=1e-6)
+    assert sharded["skipped"] == single["skipped"] and len(single["skipped"]) == 1
+    assert single["skipped"][0]["path"] == str(bad)
+    # each rank computed its half of the cached test features (two shards of 6 rows)
+    (entry,) = (tmp_path / "cache-sharded").glob("*/manifest.json")
+    manifest = json.loads(entry.read_text())
+    assert [(s["start"], s["stop"]) for s in manifest["shards"]] == [(0, 6), (6, 12)]
+
+
+@pytest.mark.parametrize("command", ["fit", "eval", "predict", "segment", "seg-eval", "bench"])
+def test_trust_checkpoint_is_an_option(command, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main([command, "--help"])
+    assert e.value.code == 0
+    assert "--trust-checkpoint" in capsys.readouterr().out

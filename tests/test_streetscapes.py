@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import csv
 import json
 from collections import Counter
@@ -239,6 +240,13 @@ def test_protocol_runs_every_method_and_resumes(streets, tiny_vit_backbone, tmp_
         extract_kw=kw,
     )
     assert [r["metrics"] for r in again] == [r["metrics"] for r in records]
+    assert records[0]["backbone"] == tiny_vit_backbone.identity
+    other = copy.copy(tiny_vit_backbone)  # same name, other weights: nothing is reused
+    other.identity = {**tiny_vit_backbone.identity, "weights_sha256": "0" * 64}
+    with pytest.raises(AssertionError, match="recomputed"):
+        run_streetscapes(
+            other, streets, out_dir=tmp_path / "out", tasks=["lighting"], extract_kw=kw
+        )
     table = markdown_table(records, list(DEFAULT_METHODS))
     assert table.count("| lighting |") == 5 and "| mean over tasks | mh-adapter-mt |" in table
 

@@ -150,7 +150,12 @@ def run(args: argparse.Namespace) -> int:
         if not pending:
             continue
         if bb is None:
-            bb = load_backbone(args.model, args.pretrained, device=args.device)
+            bb = load_backbone(
+                args.model,
+                args.pretrained,
+                device=args.device,
+                trust_checkpoint=args.trust_checkpoint,
+            )
         templates = require_templates(args.templates) if args.templates else get_templates(name)
         weights = text_weights(bb, splits["train"].classnames, templates, kw["cache_dir"])
         test_sets: dict[str, object] = {}

@@ -1,7 +1,8 @@
 """`clipadapt eval --adapter DIR --data DIR --split test`: evaluate a saved adapter.
 
 The backbone is the one recorded in the adapter (``--model``/``--pretrained`` override it; an
-adapter refuses a backbone other than the one it was fitted on).
+adapter refuses a backbone other than the one it was fitted on). Under `torchrun` the feature
+extraction is sharded by rank (--cache must be shared by all) and rank 0 prints and writes.
 """
 
 from __future__ import annotations
@@ -17,6 +18,11 @@ def add_adapter_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="backbone (default: the adapter's)")
     p.add_argument("--pretrained", default=None, help="weights (default: the adapter's)")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    p.add_argument(
+        "--trust-checkpoint",
+        action="store_true",
+        help="allow a TorchScript or pickled --pretrained file (it can run code when loaded)",
+    )
 
 
 def add_parser(subparsers) -> None:
@@ -29,7 +35,13 @@ def add_parser(subparsers) -> None:
     p.set_defaults(run=run)
 
 
-def load_with_backbone(directory: str, model: str | None, pretrained: str | None, device: str):
+def load_with_backbone(
+    directory: str,
+    model: str | None,
+    pretrained: str | None,
+    device: str,
+    trust_checkpoint: bool = False,
+):
     """(method, backbone): the adapter and the backbone it names, checked against each other."""
     from clipadapt.backbones import load_backbone
     from clipadapt.methods import load_adapter
@@ -41,18 +53,22 @@ def load_with_backbone(directory: str, model: str | None, pretrained: str | None
         raise ClipAdaptError(f"{directory}: the adapter names no backbone; pass --model")
     if model is None and pretrained is None:
         pretrained = identity.get("pretrained")
-    bb = load_backbone(name, pretrained, device=device)
+    bb = load_backbone(name, pretrained, device=device, trust_checkpoint=trust_checkpoint)
     method.check_backbone(bb.identity, bb.embed_dim)
     return method, bb
 
 
 def run(args: argparse.Namespace) -> int:
+    from clipadapt import distributed
     from clipadapt.data import load_split
     from clipadapt.features import extract
     from clipadapt.metrics import classification_metrics
     from clipadapt.results import write_result
 
-    method, bb = load_with_backbone(args.adapter, args.model, args.pretrained, args.device)
+    rank, _, device = distributed.init(args.device)
+    method, bb = load_with_backbone(
+        args.adapter, args.model, args.pretrained, device, args.trust_checkpoint
+    )
     dataset = load_split(args.data, args.split)
     classnames = method.meta.get("classnames")
     if classnames is not None and list(classnames) != list(dataset.classnames):
@@ -60,7 +76,17 @@ def run(args: argparse.Namespace) -> int:
             f"{args.data}: its {len(dataset.classnames)} classes differ from the "
             f"{len(classnames)} classes the adapter {args.adapter} was fitted on"
         )
-    feats = extract(bb, dataset, **method.extract_options(train=False), **extract_kwargs(args))
+    stats: dict = {}
+    feats = extract(
+        bb,
+        dataset,
+        **method.extract_options(train=False),
+        **extract_kwargs(args),
+        progress=rank == 0,
+        stats=stats,
+    )
+    if not distributed.is_main():
+        return 0
     metrics = classification_metrics(method.logits(feats).cpu(), feats.labels)
     print(
         f"{method.name} on {dataset.name} {args.split} ({len(feats)} images): "
@@ -78,5 +104,6 @@ def run(args: argparse.Namespace) -> int:
             metrics=metrics,
             split=args.split,
             adapter=str(args.adapter),
+            skipped=[{"path": b["path"], "reason": b["reason"]} for b in stats.get("bad", [])],
         )
     return 0

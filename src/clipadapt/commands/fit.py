@@ -23,6 +23,11 @@ def add_backbone_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"backbone (default {DEFAULT_MODEL})")
     p.add_argument("--pretrained", default=None, help="open_clip tag, weights file or hf:<folder>")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    p.add_argument(
+        "--trust-checkpoint",
+        action="store_true",
+        help="allow a TorchScript or pickled --pretrained file (it can run code when loaded)",
+    )
     add_extract_options(p)
 
 
@@ -139,7 +144,9 @@ def run(args: argparse.Namespace) -> int:
     name = splits["train"].name
     subset = few_shot(splits, args.shots, args.seed)
     templates = require_templates(args.templates) if args.templates else get_templates(name)
-    bb = load_backbone(args.model, args.pretrained, device=args.device)
+    bb = load_backbone(
+        args.model, args.pretrained, device=args.device, trust_checkpoint=args.trust_checkpoint
+    )
     method = build_method(
         args.method, args.hparam, bb=bb, dataset=name, seed=args.seed, device=args.device
     )

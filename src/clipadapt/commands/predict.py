@@ -50,7 +50,9 @@ def predict(method, bb, images: list[str], topk: int = 5) -> list[list[tuple[str
 def run(args: argparse.Namespace) -> int:
     if args.topk < 1:
         raise ClipAdaptError(f"--topk {args.topk}: expected a positive integer")
-    method, bb = load_with_backbone(args.adapter, args.model, args.pretrained, args.device)
+    method, bb = load_with_backbone(
+        args.adapter, args.model, args.pretrained, args.device, args.trust_checkpoint
+    )
     for path, ranked in zip(args.images, predict(method, bb, args.images, args.topk), strict=True):
         if args.json:
             print(json.dumps({"image": path, "top": [{"class": c, "p": p} for c, p in ranked]}))

@@ -7,7 +7,6 @@ on the command line override them. Under `torchrun` the images are sharded by ra
 from __future__ import annotations
 
 import argparse
-import os
 import re
 from pathlib import Path
 
@@ -40,13 +39,16 @@ def add_parser(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     import clipadapt as ca
+    from clipadapt import distributed
     from clipadapt.data.mmseg import load_segmentation
     from clipadapt.results import write_result
     from clipadapt.segmentation import evaluate, segmenter_options
 
     dataset = load_segmentation(args.dataset, args.data_root, args.split)
-    rank, device = _init_distributed(args.device)
-    bb = ca.load_backbone(args.model, args.pretrained, device=device)
+    rank, _, device = distributed.init(args.device)
+    bb = ca.load_backbone(
+        args.model, args.pretrained, device=device, trust_checkpoint=args.trust_checkpoint
+    )
     options = segmenter_kwargs(args, segmenter_options(args.dataset, bb.image_size))
     seg = ca.segmentation.Segmenter(bb, dataset.classnames, progress=rank == 0, **options)
     names = seg.names
@@ -82,17 +84,3 @@ def run(args: argparse.Namespace) -> int:
 
 def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", text)
-
-
-def _init_distributed(device: str) -> tuple[int, str]:
-    """Join the torchrun process group when WORLD_SIZE > 1 -> (rank, this rank's device)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return 0, device
-    import torch.distributed as dist
-
-    cuda = str(device).startswith("cuda")
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if cuda else "gloo")
-    if device == "cuda":
-        device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
-    return dist.get_rank(), device

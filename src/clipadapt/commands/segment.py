@@ -26,6 +26,11 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
     parser.add_argument(
+        "--trust-checkpoint",
+        action="store_true",
+        help="allow a TorchScript or pickled --pretrained file (it can run code when loaded)",
+    )
+    parser.add_argument(
         "--attention",
         default="csa",
         choices=["csa", "vanilla", "clearclip", "naclip", "maskclip"],
@@ -99,7 +104,9 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     mask_path = Path(args.mask) if args.mask else out.with_name(f"{out.stem}_mask.png")
     image = read_image(args.image)
-    bb = ca.load_backbone(args.model, args.pretrained, device=args.device)
+    bb = ca.load_backbone(
+        args.model, args.pretrained, device=args.device, trust_checkpoint=args.trust_checkpoint
+    )
     seg = ca.segmentation.Segmenter(bb, classes, **segmenter_kwargs(args))
     pred = seg.predict(image)
     save_png(mask_image(pred, seg.num_classes), mask_path)

@@ -4,7 +4,10 @@ One pass over the images decodes each file once and feeds every stream that is n
 view 0 (the eval transform ``bb.preprocess``), augmented views 1..V (``bb.train_transform``,
 seeded per (view, image) so the result does not depend on batch size, workers or resumption),
 and optional patch tokens (fp16). DataLoader workers decode while the main process runs the
-model. Each stream is a cache entry (features/cache.py).
+model. Each stream is a cache entry (features/cache.py); only its missing shards are computed,
+in batches aligned to ``index // batch_size`` so that a resumed or sharded run encodes every
+image exactly as a one-process run does. Under torch.distributed each rank computes the shards
+that start in its block of the images (clipadapt.distributed) and rank 0 writes the manifests.
 """
 
 from __future__ import annotations
@@ -169,13 +172,37 @@ class _Stream:
                 del self.todo[start]
 
 
-def _aligned_batches(rows: list[int], batch_size: int) -> list[list[int]]:
-    """``rows`` (ascending) grouped by ``row // batch_size``: an image is always encoded in the
-    same batch as in a one-process run from scratch, whatever was cached or which rank runs."""
-    batches: dict[int, list[int]] = {}
-    for i in rows:
-        batches.setdefault(i // batch_size, []).append(i)
-    return list(batches.values())
+class _AlignedBatches:
+    """The rows of ``spans`` (``[a, b)`` ranges) in batches grouped by ``row // batch_size``: an
+    image is encoded in the same batch as in a one-process run from scratch, whatever was
+    cached or which rank runs (so the features are bitwise the same)."""
+
+    def __init__(self, spans: list[tuple[int, int]], batch_size: int) -> None:
+        merged: list[list[int]] = []
+        for a, b in sorted(spans):
+            if merged and a <= merged[-1][1]:
+                merged[-1][1] = max(merged[-1][1], b)
+            else:
+                merged.append([a, b])
+        self.spans, self.batch_size = merged, batch_size
+        self.rows = sum(b - a for a, b in merged)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        batch: list[int] = []
+        for a, b in self.spans:
+            while a < b:
+                k = a // self.batch_size
+                if batch and batch[-1] // self.batch_size != k:
+                    yield batch
+                    batch = []
+                stop = min(b, (k + 1) * self.batch_size)
+                batch.extend(range(a, stop))
+                a = stop
+        if batch:
+            yield batch
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
 
 
 def _run(
@@ -192,21 +219,21 @@ def _run(
     desc: str,
 ) -> None:
     """Decode + forward the images of every stream's ``todo`` shards; feed every stream."""
-    rows = sorted({i for s in streams for a, b in s.todo.items() for i in range(a, b)})
-    if not rows:
+    batches = _AlignedBatches([span for s in streams for span in s.todo.items()], batch_size)
+    if not batches.rows:
         return
     batch_bytes = len(inputs) * batch_size * 3 * bb.image_size**2 * 4
     prefetch = max(1, min(4, PREFETCH_BYTES // max(1, num_workers * batch_bytes)))
     loader = DataLoader(
         _Images(paths, inputs, seed),
-        batch_sampler=_aligned_batches(rows, batch_size),
+        batch_sampler=batches,
         num_workers=num_workers,
         collate_fn=_collate,
         worker_init_fn=_worker_init if num_workers else None,
         pin_memory=bb.device.type == "cuda",
         prefetch_factor=prefetch if num_workers else None,
     )
-    bar = tqdm(total=len(rows), unit="img", desc=desc, disable=not progress)
+    bar = tqdm(total=batches.rows, unit="img", desc=desc, disable=not progress)
     with bar, torch.no_grad():
         for index, ok, xs, errors in loader:
             bad = [{"index": i, "path": paths[i], "reason": r} for i, r in errors]

@@ -410,7 +410,12 @@ def run_bench(args) -> int:
     hparams = {m: parse_hparams(m, pairs[m]) for m in args.methods}
     templates = require_templates(args.templates) if args.templates else None
     rule = getattr(args, "base_rule", "ceil")
-    bb = load_backbone(args.model, args.pretrained, device=args.device)
+    bb = load_backbone(
+        args.model,
+        args.pretrained,
+        device=args.device,
+        trust_checkpoint=getattr(args, "trust_checkpoint", False),
+    )
     records, names = [], []
     for dataset_arg in args.datasets:
         splits = load_dataset(dataset_arg, root=args.data_root)

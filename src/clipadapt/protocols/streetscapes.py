@@ -142,7 +142,8 @@ def run_streetscapes(
     model: str | None = None,
 ) -> list[dict]:
     """Fit and score every (task, method, seed); one result JSON per run in ``out_dir/runs``
-    (a run whose JSON exists is read back, not redone). Returns the records.
+    (a run whose JSON exists and names the same backbone weights is read back, not redone; one
+    made with other weights is redone). Returns the records.
 
     bb: the Backbone; methods: registered method names and/or ``mh-adapter-mt``; hparams:
     per method, Config overrides (mh-adapter-mt takes mh-adapter's fields); views: augmented
@@ -217,12 +218,22 @@ class _Run:
             ),
         )
 
+    def finished(self, task: str, method: str, seed: int) -> dict | None:
+        """The stored result of a run, if it was made with this backbone and these weights."""
+        path = self.path(task, method, seed)
+        if not path.is_file():
+            return None
+        record = read_result(path)
+        return record if record.get("backbone") == self.bb.identity else None
+
     def seed(self, seed: int) -> list[dict]:
         from clipadapt.zeroshot import text_weights
 
         runs = [(t, m) for t in self.tasks for m in self.methods]
-        if all(self.path(t, m, seed).is_file() for t, m in runs):
-            return [read_result(self.path(t, m, seed)) for t, m in runs]
+        done = {run: self.finished(*run, seed) for run in runs}
+        done = {run: record for run, record in done.items() if record is not None}
+        if len(done) == len(runs):
+            return [done[run] for run in runs]
         street = {
             t: read_task(self.root, t, val_fraction=self.val_fraction, seed=seed)
             for t in self.tasks
@@ -241,11 +252,6 @@ class _Run:
             t: text_weights(self.bb, s.classnames, [s.template], cache_dir)
             for t, s in street.items()
         }
-        done = {
-            (t, m): read_result(self.path(t, m, seed))
-            for t, m in runs
-            if self.path(t, m, seed).is_file()
-        }
 
         def save(task: str, method: str, metrics: dict, fitted: dict, config) -> None:
             s = street[task]
@@ -253,6 +259,7 @@ class _Run:
                 dataset=self.dataset,
                 model=self.model,
                 pretrained=self.bb.pretrained,
+                backbone=self.bb.identity,
                 method=method,
                 shots=None,
                 seed=seed,
@@ -377,7 +384,12 @@ def run_bench(args) -> int:
     views = MHAdapter.default_views if args.views is None else args.views
     if views < 0:
         raise ClipAdaptError(f"--views {views}: expected 0 or more")
-    bb = load_backbone(args.model, args.pretrained, device=args.device)
+    bb = load_backbone(
+        args.model,
+        args.pretrained,
+        device=args.device,
+        trust_checkpoint=getattr(args, "trust_checkpoint", False),
+    )
     records = []
     for name in args.datasets:
         root = Path(name).expanduser()

@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
+from clipadapt import distributed
 from clipadapt.errors import ClipAdaptError
 from clipadapt.metrics import confusion_matrix, miou
 
@@ -93,16 +94,9 @@ def evaluate(
 
 
 def _rank_world() -> tuple[int, int]:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+    return distributed.rank_world()
 
 
 def _all_reduce(confusion: Tensor, device) -> Tensor:
-    import torch.distributed as dist
-
-    on = confusion.to(device if dist.get_backend() == "nccl" else "cpu")
-    dist.all_reduce(on)
-    return on.cpu()
+    """The sum of ``confusion`` over ranks, on the CPU (``device``: unused, kept for callers)."""
+    return distributed.all_sum(confusion.cpu())
