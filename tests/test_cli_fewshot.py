@@ -253,3 +253,7 @@ def test_bench_runs_resumes_and_reports(world, tmp_path, capsys):
     (out / "runs" / runs[3]).unlink()
     assert cli.main(argv) == 0
     assert "1 runs done, 17 skipped" in capsys.readouterr().out
+    # other weights under the same --model: the stored runs are not theirs, so all rerun
+    other = [*argv[: -len(_backbone_args(world))], *_backbone_args(world, "other_weights")]
+    assert cli.main(other) == 0
+    assert "18 runs done, 0 skipped" in capsys.readouterr().out

@@ -102,6 +102,13 @@ def method_hparams(methods: list[str], pairs: list[str]) -> dict[str, list[str]]
     return out
 
 
+def _finished(path: Path, identity: dict) -> bool:
+    """A stored run counts as done only if the same backbone weights produced it."""
+    from clipadapt.results import read_result
+
+    return path.exists() and read_result(path).get("backbone") == identity
+
+
 def run(args: argparse.Namespace) -> int:
     from clipadapt.backbones import load_backbone
     from clipadapt.data import few_shot, load_dataset, save_subset
@@ -126,7 +133,10 @@ def run(args: argparse.Namespace) -> int:
     if any(s < 1 for s in args.shots):
         raise ClipAdaptError(f"--shots {args.shots}: expected positive numbers of shots")
     kw = extract_kwargs(args)
-    bb = None
+    # Loaded up front: a stored run is reused only if the same weights produced it.
+    bb = load_backbone(
+        args.model, args.pretrained, device=args.device, trust_checkpoint=args.trust_checkpoint
+    )
     done = skipped = 0
     names = []
     for dataset_arg in args.datasets:
@@ -145,17 +155,10 @@ def run(args: argparse.Namespace) -> int:
         def result_path(method, shots, seed, name=name):
             return runs_dir / result_filename(name, args.model, method, shots, seed)
 
-        pending = [p for p in plan if not result_path(*p).exists()]
+        pending = [p for p in plan if not _finished(result_path(*p), bb.identity)]
         skipped += len(plan) - len(pending)
         if not pending:
             continue
-        if bb is None:
-            bb = load_backbone(
-                args.model,
-                args.pretrained,
-                device=args.device,
-                trust_checkpoint=args.trust_checkpoint,
-            )
         templates = require_templates(args.templates) if args.templates else get_templates(name)
         weights = text_weights(bb, splits["train"].classnames, templates, kw["cache_dir"])
         test_sets: dict[str, object] = {}
@@ -212,6 +215,7 @@ def run(args: argparse.Namespace) -> int:
                 split=args.split,
                 hparams=dataclasses.asdict(method.config),
                 templates=templates,
+                backbone=bb.identity,
                 **extras,
             )
             done += 1
