@@ -278,3 +278,9 @@ def test_bench_base2novel_cli(tmp_path, capsys):
     assert _bench(argv) == 0
     assert {p.name: p.stat().st_mtime_ns for p in runs} == before
     assert (out / "base2novel.md").read_text() == table
+    # other weights under the same --model name: the stored runs are not theirs, all rerun
+    torch.manual_seed(1)
+    other = open_clip.create_model(TINY_VIT, pretrained=None)
+    save_file({k: v.contiguous() for k, v in other.state_dict().items()}, str(weights))
+    assert _bench(argv) == 0
+    assert all(p.stat().st_mtime_ns != before[p.name] for p in runs)

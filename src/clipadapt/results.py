@@ -65,3 +65,9 @@ def read_results(directory: str | os.PathLike) -> list[dict]:
         raise ClipAdaptError(f"{directory}: no such results folder")
     records = [read_json(p) for p in sorted(directory.glob("*.json"))]
     return [r for r in records if isinstance(r, dict) and all(k in r for k in REQUIRED)]
+
+
+def is_finished(path: str | os.PathLike, identity: dict) -> bool:
+    """A stored run counts as done only if the same backbone weights produced it."""
+    path = Path(path)
+    return path.exists() and read_result(path).get("backbone") == identity

@@ -102,20 +102,13 @@ def method_hparams(methods: list[str], pairs: list[str]) -> dict[str, list[str]]
     return out
 
 
-def _finished(path: Path, identity: dict) -> bool:
-    """A stored run counts as done only if the same backbone weights produced it."""
-    from clipadapt.results import read_result
-
-    return path.exists() and read_result(path).get("backbone") == identity
-
-
 def run(args: argparse.Namespace) -> int:
     from clipadapt.backbones import load_backbone
     from clipadapt.data import few_shot, load_dataset, save_subset
     from clipadapt.features import extract
     from clipadapt.metrics import classification_metrics
     from clipadapt.report import write_report
-    from clipadapt.results import read_results, result_filename, write_result
+    from clipadapt.results import is_finished, read_results, result_filename, write_result
     from clipadapt.templates import get_templates, require_templates
     from clipadapt.zeroshot import text_weights
 
@@ -155,7 +148,7 @@ def run(args: argparse.Namespace) -> int:
         def result_path(method, shots, seed, name=name):
             return runs_dir / result_filename(name, args.model, method, shots, seed)
 
-        pending = [p for p in plan if not _finished(result_path(*p), bb.identity)]
+        pending = [p for p in plan if not is_finished(result_path(*p), bb.identity)]
         skipped += len(plan) - len(pending)
         if not pending:
             continue

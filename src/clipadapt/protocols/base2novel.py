@@ -248,7 +248,7 @@ def evaluate_base2novel(
     from clipadapt.commands.fit import fit_on_subset
     from clipadapt.features import extract
     from clipadapt.io import write_json
-    from clipadapt.results import make_result, read_result, result_filename
+    from clipadapt.results import is_finished, make_result, read_result, result_filename
     from clipadapt.templates import get_templates
     from clipadapt.zeroshot import text_weights
 
@@ -271,7 +271,7 @@ def evaluate_base2novel(
     records, pending = [], []
     for run in plan:
         path = path_of(*run)
-        if path is not None and path.exists():
+        if path is not None and is_finished(path, bb.identity):
             records.append(read_result(path))
         else:
             pending.append(run)
@@ -340,6 +340,7 @@ def evaluate_base2novel(
             novel_eval=novel_rule(method_name),
             hparams=dataclasses.asdict(method.config),
             templates=templates,
+            backbone=bb.identity,
             **extras,
         )
         if out_dir is not None:
