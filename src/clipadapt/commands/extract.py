@@ -8,27 +8,12 @@ from __future__ import annotations
 
 import argparse
 
-DEFAULT_MODEL = "tiny-shapes"
+from clipadapt.commands import add_model_arguments
 
 
 def add_backbone_options(parser: argparse.ArgumentParser) -> None:
     """--model/--pretrained/--device and the extraction options shared with `zeroshot`."""
-    parser.add_argument(
-        "--model",
-        default=DEFAULT_MODEL,
-        help=f"open_clip architecture or tiny-shapes (default {DEFAULT_MODEL})",
-    )
-    parser.add_argument(
-        "--pretrained",
-        default=None,
-        help="open_clip tag, weights file or hf:<folder> (default: the model's)",
-    )
-    parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
-    parser.add_argument(
-        "--trust-checkpoint",
-        action="store_true",
-        help="allow a TorchScript or pickled --pretrained file (it can run code when loaded)",
-    )
+    add_model_arguments(parser)
     parser.add_argument(
         "--data",
         required=True,

@@ -13,21 +13,13 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
+from clipadapt.commands import add_model_arguments
 from clipadapt.errors import ClipAdaptError
-
-DEFAULT_MODEL = "tiny-shapes"
 
 
 def add_backbone_options(p: argparse.ArgumentParser) -> None:
     """--model/--pretrained/--device, the feature cache and the extraction options."""
-    p.add_argument("--model", default=DEFAULT_MODEL, help=f"backbone (default {DEFAULT_MODEL})")
-    p.add_argument("--pretrained", default=None, help="open_clip tag, weights file or hf:<folder>")
-    p.add_argument("--device", default="cpu", help="torch device (default cpu)")
-    p.add_argument(
-        "--trust-checkpoint",
-        action="store_true",
-        help="allow a TorchScript or pickled --pretrained file (it can run code when loaded)",
-    )
+    add_model_arguments(p)
     add_extract_options(p)
 
 

@@ -7,29 +7,13 @@ from pathlib import Path
 
 import torch
 
+from clipadapt.commands import add_model_arguments
 from clipadapt.errors import ClipAdaptError
-
-DEFAULT_MODEL = "tiny-shapes"
 
 
 def add_model_options(parser: argparse.ArgumentParser) -> None:
     """Backbone and inference options shared by `segment` and `seg-eval`."""
-    parser.add_argument(
-        "--model",
-        default=DEFAULT_MODEL,
-        help=f"open_clip ViT architecture or tiny-shapes (default {DEFAULT_MODEL})",
-    )
-    parser.add_argument(
-        "--pretrained",
-        default=None,
-        help="open_clip tag, weights file or hf:<folder> (default: the model's)",
-    )
-    parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
-    parser.add_argument(
-        "--trust-checkpoint",
-        action="store_true",
-        help="allow a TorchScript or pickled --pretrained file (it can run code when loaded)",
-    )
+    add_model_arguments(parser)
     parser.add_argument(
         "--attention",
         default="csa",
