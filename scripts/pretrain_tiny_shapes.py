@@ -6,12 +6,24 @@ The architecture is the open_clip config shipped in src/clipadapt/assets/tiny-sh
 and captions are generated on the fly (one DataLoader worker); the contrastive targets are
 duplicate-aware: every image in the batch that satisfies a caption's facts is a positive.
 `--export` writes the fp16 safetensors the package ships.
+
+A small ViT trained on this little data sits on a plateau: it memorises but does not learn
+shape for thousands of steps, while a small CNN learns shape in a few hundred (docs/tiny-shapes.md
+has the measurements). So a small CNN teaches the ViT: the ViT's tokens after block
+`--distill-layer` regress the CNN's stride-8 feature map (dense feature distillation, detached
+targets), beside the contrastive loss. `--teacher facts` (default) first trains the CNN for
+`--teacher-steps` on single-object scenes to predict their facts (shape: cross-entropy; colour,
+pattern, lighting, weather, quality: multi-label, from the generator) and then freezes it;
+`--teacher captions` trains it beside the ViT with the same captions and text tower;
+`--teacher none` is plain CLIP.
+The CNN and the regression head are training-only: `--export` writes the open_clip ViT CLIP.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 import math
 import time
@@ -29,6 +41,42 @@ from clipadapt.data import shapesworld_text as st
 ASSETS = Path(__file__).resolve().parents[1] / "src" / "clipadapt" / "assets" / "tiny-shapes"
 MEAN = torch.tensor(open_clip.OPENAI_DATASET_MEAN).view(1, 3, 1, 1)
 STD = torch.tensor(open_clip.OPENAI_DATASET_STD).view(1, 3, 1, 1)
+
+
+class TeacherCNN(torch.nn.Module):
+    """A small CNN image tower: stride-8 feature map for distillation, embedding for InfoNCE."""
+
+    def __init__(self, embed_dim: int, width: int = 128):
+        super().__init__()
+        nn = torch.nn
+        self.stem = nn.Sequential(
+            nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(64, width, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        )  # fmt: skip
+        self.top = nn.Sequential(
+            nn.Conv2d(width, width, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(), nn.Linear(width, embed_dim),
+        )  # fmt: skip
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        fmap = self.stem(x)
+        return self.top(fmap), fmap
+
+
+class Distiller(torch.nn.Module):
+    """Teacher CNN + a linear map from the ViT's token width to the teacher's channels."""
+
+    def __init__(self, embed_dim: int, vit_width: int, width: int = 128):
+        super().__init__()
+        self.teacher = TeacherCNN(embed_dim, width)
+        self.reg = torch.nn.Linear(vit_width, width)
+
+    def dense_loss(self, tokens: torch.Tensor, fmap: torch.Tensor) -> torch.Tensor:
+        """MSE between mapped ViT patch tokens [B,1+N,W] and the LayerNormed map [B,C,h,w]."""
+        target = fmap.detach().flatten(2).transpose(1, 2)
+        target = F.layer_norm(target, target.shape[-1:])
+        return F.mse_loss(self.reg(tokens[:, 1:].float()), target.float())
 
 
 GROUP = 4
@@ -163,6 +211,79 @@ def evaluate(model, tokenizer, sets) -> dict[str, float]:
     return accs
 
 
+@torch.no_grad()
+def teacher_accuracy(teacher, model, tokenizer, sets) -> float:
+    """Zero-shot shape accuracy of the teacher CNN with the shared text tower."""
+    teacher.eval()
+    images, labels, names, template = sets["shape"]
+    txt = F.normalize(model.encode_text(tokenizer([template.format(c) for c in names])), dim=-1)
+    img = F.normalize(teacher(to_input(torch.from_numpy(images)))[0], dim=-1)
+    teacher.train()
+    return float(((img @ txt.T).argmax(1).numpy() == labels).mean())
+
+
+# What the facts teacher predicts: each shape / colour / pattern present, and the scene values.
+FACT_COLUMNS = (
+    [st.object_fact(i, None, None, None) for i in range(len(sw.SHAPES))]
+    + [st.object_fact(None, i, None, None) for i in range(len(sw.COLOUR_NAMES))]
+    + [st.object_fact(None, None, i, None) for i in range(len(sw.PATTERNS))]
+    + [st.scene_fact(a, i) for a, values in sw.ATTRIBUTES.items() for i in range(len(values))]
+)
+
+
+def teacher_batches(seed: int, batch: int, size: int):
+    """Endless single-object scenes of the whole world: images, shape labels, fact targets."""
+    columns = torch.tensor(FACT_COLUMNS)
+    for step in itertools.count():
+        rng = np.random.default_rng([seed, step])
+        scenes = [sw.sample_scene(rng, n_objects=(1, 1)) for _ in range(batch)]
+        images = torch.from_numpy(np.stack([sw.render(s, size)[0] for s in scenes]))
+        facts = torch.from_numpy(np.stack([st.image_facts(s) for s in scenes]))[:, columns]
+        yield images, torch.tensor([s.objects[0].shape for s in scenes]), facts.float()
+
+
+def train_teacher(teacher, args, size, out: Path, sets) -> None:
+    """Train the CNN on single-object scenes: cross-entropy on the shape, BCE on the other
+    facts (colour, pattern, scene values); or load OUT/teacher.safetensors."""
+    path = out / "teacher.safetensors"
+    if path.exists():
+        teacher.load_state_dict(load_file(path))
+        return
+    teacher.requires_grad_(True)
+    opt = torch.optim.AdamW(teacher.parameters(), lr=1e-3, weight_decay=0.05)
+    n_shapes = len(sw.SHAPES)
+    t0 = time.time()
+    stream = teacher_batches(args.seed + 7, args.batch, size)
+    for step, (images, shapes, facts) in enumerate(stream):
+        if step >= args.teacher_steps:
+            break
+        for g in opt.param_groups:
+            g["lr"] = 1e-3 * min(1.0, (step + 1) / 50)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
+            logits = teacher(to_input(images))[0]
+        logits = logits.float()
+        loss = F.cross_entropy(logits[:, :n_shapes], shapes) + F.binary_cross_entropy_with_logits(
+            logits[:, n_shapes:], facts[:, n_shapes:]
+        )
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if (step + 1) % 100 == 0:
+            teacher.eval()
+            with torch.no_grad():
+                images, labels, _, _ = sets["shape"]
+                shape_logits = teacher(to_input(torch.from_numpy(images)))[0][:, : len(sw.SHAPES)]
+                acc = float((shape_logits.argmax(1).numpy() == labels).mean())
+            teacher.train()
+            print(
+                f"teacher step {step + 1} loss {loss.item():.4f} shape acc {acc:.3f} "
+                f"{(time.time() - t0) / 60:.1f} min",
+                flush=True,
+            )
+    save_file(teacher.state_dict(), path)
+    teacher.requires_grad_(False)
+
+
 def param_groups(model, wd):
     decay, no_decay = [], []
     for n, p in model.named_parameters():
@@ -190,6 +311,16 @@ def main() -> None:
     )
     ap.add_argument("--easy-share", type=float, default=0.2, help="share of easy groups afterwards")
     ap.add_argument("--bf16", action="store_true", help="bfloat16 autocast (fp32 master weights)")
+    ap.add_argument(
+        "--teacher",
+        choices=["facts", "captions", "none"],
+        default="facts",
+        help="CNN whose feature map the ViT distils: trained first on scene facts, "
+        "co-trained on the captions, or none",
+    )
+    ap.add_argument("--teacher-steps", type=int, default=1500, help="facts: teacher steps")
+    ap.add_argument("--distill-layer", type=int, default=1, help="ViT block whose tokens regress")
+    ap.add_argument("--distill-weight", type=float, default=1.0)
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -203,12 +334,30 @@ def main() -> None:
         if isinstance(model.visual.image_size, tuple)
         else model.visual.image_size
     )
-    opt = torch.optim.AdamW(param_groups(model, args.wd), lr=args.lr, betas=(0.9, 0.98), eps=1e-6)
+    distiller = None
+    feats: dict[str, torch.Tensor] = {}
+    if args.teacher != "none":
+        torch.manual_seed(args.seed + 1)
+        out_dim = len(FACT_COLUMNS) if args.teacher == "facts" else model.text_projection.shape[1]
+        distiller = Distiller(out_dim, model.visual.conv1.out_channels)
+        model.visual.transformer.resblocks[args.distill_layer].register_forward_hook(
+            lambda _m, _i, o: feats.__setitem__("tokens", o)
+        )
+    groups = param_groups(model, args.wd)
+    if args.teacher == "facts":
+        distiller.teacher.requires_grad_(False)
+    if distiller is not None:
+        extra = param_groups(distiller, args.wd)
+        for g, e in zip(groups, extra, strict=True):
+            g["params"] += e["params"]
+    opt = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.98), eps=1e-6)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     start = 0
     if args.resume and (out / "last.safetensors").exists():
         model.load_state_dict(load_file(out / "last.safetensors"))
+        if distiller is not None:
+            distiller.load_state_dict(load_file(out / "last-teacher.safetensors"))
         state = json.loads((out / "last.json").read_text())
         start = state["step"]
         opt_state = load_file(out / "last-opt.safetensors")
@@ -226,6 +375,9 @@ def main() -> None:
         prefetch_factor=4,
         persistent_workers=True,
     )
+    if args.teacher == "facts":
+        train_teacher(distiller.teacher, args, size, out, sets)
+        distiller.teacher.eval()
     log = open(out / "log.jsonl", "a")
     model.train()
     t0 = time.time()
@@ -243,22 +395,37 @@ def main() -> None:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
             img = model.encode_image(to_input(images))
             txt = model.encode_text(tokens)
+            if args.teacher == "captions":
+                t_img, fmap = distiller.teacher(to_input(images))
+            elif args.teacher == "facts":
+                with torch.no_grad():
+                    fmap = distiller.teacher.stem(to_input(images))
         img, txt = F.normalize(img.float(), dim=-1), F.normalize(txt.float(), dim=-1)
-        loss = contrastive_loss(img, txt, model.logit_scale.exp(), img_f, cap_f)
+        scale = model.logit_scale.exp()
+        loss = contrastive_loss(img, txt, scale, img_f, cap_f)
+        if args.teacher == "captions":
+            t_img = F.normalize(t_img.float(), dim=-1)
+            loss = loss + contrastive_loss(t_img, txt, scale, img_f, cap_f)
+        if distiller is not None:
+            d_loss = distiller.dense_loss(feats["tokens"], fmap)
+            loss = loss + args.distill_weight * d_loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         with torch.no_grad():
             model.logit_scale.clamp_(0, math.log(100))
         if (step + 1) % 25 == 0:
+            extra = f"dense {d_loss.item():.3f} " if distiller else ""
             print(
-                f"step {step + 1} loss {loss.item():.4f} "
+                f"step {step + 1} loss {loss.item():.4f} {extra}"
                 f"scale {model.logit_scale.exp().item():.1f} "
                 f"lr {lr:.2e} {(time.time() - t0) / 60:.1f} min",
                 flush=True,
             )
         if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
             accs = evaluate(model, tokenizer, sets)
+            if args.teacher == "captions":
+                accs["teacher_shape"] = teacher_accuracy(distiller.teacher, model, tokenizer, sets)
             rec = {
                 "step": step + 1,
                 "loss": loss.item(),
@@ -269,6 +436,8 @@ def main() -> None:
             log.write(json.dumps(rec) + "\n")
             log.flush()
             save_checkpoint(model, opt, out, step + 1)
+            if distiller is not None:
+                save_file(distiller.state_dict(), out / "last-teacher.safetensors")
     if args.export:
         export(model, out / "last.json")
 
