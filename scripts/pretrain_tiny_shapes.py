@@ -318,7 +318,7 @@ def main() -> None:
         help="CNN whose feature map the ViT distils: trained first on scene facts, "
         "co-trained on the captions, or none",
     )
-    ap.add_argument("--teacher-steps", type=int, default=1500, help="facts: teacher steps")
+    ap.add_argument("--teacher-steps", type=int, default=1200, help="facts: teacher steps")
     ap.add_argument("--distill-layer", type=int, default=1, help="ViT block whose tokens regress")
     ap.add_argument("--distill-weight", type=float, default=1.0)
     args = ap.parse_args()
