@@ -212,14 +212,21 @@ def evaluate(model, tokenizer, sets) -> dict[str, float]:
 
 
 @torch.no_grad()
-def teacher_accuracy(teacher, model, tokenizer, sets) -> float:
-    """Zero-shot shape accuracy of the teacher CNN with the shared text tower."""
+def teacher_accuracy(teacher, sets, classify) -> float:
+    """The CNN's accuracy on the held-out shape set; ``classify`` turns its outputs into scores."""
     teacher.eval()
-    images, labels, names, template = sets["shape"]
-    txt = F.normalize(model.encode_text(tokenizer([template.format(c) for c in names])), dim=-1)
-    img = F.normalize(teacher(to_input(torch.from_numpy(images)))[0], dim=-1)
+    images, labels, _, _ = sets["shape"]
+    scores = classify(teacher(to_input(torch.from_numpy(images)))[0])
     teacher.train()
-    return float(((img @ txt.T).argmax(1).numpy() == labels).mean())
+    return float((scores.argmax(1).numpy() == labels).mean())
+
+
+@torch.no_grad()
+def zero_shot_classifier(model, tokenizer, sets):
+    """Scores of CNN embeddings against the shared text tower's shape prompts."""
+    _, _, names, template = sets["shape"]
+    txt = F.normalize(model.encode_text(tokenizer([template.format(c) for c in names])), dim=-1)
+    return lambda emb: F.normalize(emb.float(), dim=-1) @ txt.T
 
 
 # What the facts teacher predicts: each shape / colour / pattern present, and the scene values.
@@ -249,7 +256,6 @@ def train_teacher(teacher, args, size, out: Path, sets) -> None:
     if path.exists():
         teacher.load_state_dict(load_file(path))
         return
-    teacher.requires_grad_(True)
     opt = torch.optim.AdamW(teacher.parameters(), lr=1e-3, weight_decay=0.05)
     n_shapes = len(sw.SHAPES)
     t0 = time.time()
@@ -269,19 +275,13 @@ def train_teacher(teacher, args, size, out: Path, sets) -> None:
         loss.backward()
         opt.step()
         if (step + 1) % 100 == 0:
-            teacher.eval()
-            with torch.no_grad():
-                images, labels, _, _ = sets["shape"]
-                shape_logits = teacher(to_input(torch.from_numpy(images)))[0][:, : len(sw.SHAPES)]
-                acc = float((shape_logits.argmax(1).numpy() == labels).mean())
-            teacher.train()
+            acc = teacher_accuracy(teacher, sets, lambda out: out[:, :n_shapes])
             print(
                 f"teacher step {step + 1} loss {loss.item():.4f} shape acc {acc:.3f} "
                 f"{(time.time() - t0) / 60:.1f} min",
                 flush=True,
             )
     save_file(teacher.state_dict(), path)
-    teacher.requires_grad_(False)
 
 
 def param_groups(model, wd):
@@ -344,11 +344,9 @@ def main() -> None:
             lambda _m, _i, o: feats.__setitem__("tokens", o)
         )
     groups = param_groups(model, args.wd)
-    if args.teacher == "facts":
-        distiller.teacher.requires_grad_(False)
-    if distiller is not None:
-        extra = param_groups(distiller, args.wd)
-        for g, e in zip(groups, extra, strict=True):
+    if distiller is not None:  # the facts teacher trains on its own first, then stays frozen
+        trained_here = distiller.reg if args.teacher == "facts" else distiller
+        for g, e in zip(groups, param_groups(trained_here, args.wd), strict=True):
             g["params"] += e["params"]
     opt = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.98), eps=1e-6)
     out = Path(args.out)
@@ -377,7 +375,7 @@ def main() -> None:
     )
     if args.teacher == "facts":
         train_teacher(distiller.teacher, args, size, out, sets)
-        distiller.teacher.eval()
+        distiller.teacher.requires_grad_(False).eval()
     log = open(out / "log.jsonl", "a")
     model.train()
     t0 = time.time()
@@ -392,14 +390,15 @@ def main() -> None:
         )
         for g in opt.param_groups:
             g["lr"] = lr
+        x = to_input(images)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
-            img = model.encode_image(to_input(images))
+            img = model.encode_image(x)
             txt = model.encode_text(tokens)
             if args.teacher == "captions":
-                t_img, fmap = distiller.teacher(to_input(images))
+                t_img, fmap = distiller.teacher(x)
             elif args.teacher == "facts":
                 with torch.no_grad():
-                    fmap = distiller.teacher.stem(to_input(images))
+                    fmap = distiller.teacher.stem(x)
         img, txt = F.normalize(img.float(), dim=-1), F.normalize(txt.float(), dim=-1)
         scale = model.logit_scale.exp()
         loss = contrastive_loss(img, txt, scale, img_f, cap_f)
@@ -415,9 +414,9 @@ def main() -> None:
         with torch.no_grad():
             model.logit_scale.clamp_(0, math.log(100))
         if (step + 1) % 25 == 0:
-            extra = f"dense {d_loss.item():.3f} " if distiller else ""
+            dense = f"dense {d_loss.item():.3f} " if distiller else ""
             print(
-                f"step {step + 1} loss {loss.item():.4f} {extra}"
+                f"step {step + 1} loss {loss.item():.4f} {dense}"
                 f"scale {model.logit_scale.exp().item():.1f} "
                 f"lr {lr:.2e} {(time.time() - t0) / 60:.1f} min",
                 flush=True,
@@ -425,7 +424,8 @@ def main() -> None:
         if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
             accs = evaluate(model, tokenizer, sets)
             if args.teacher == "captions":
-                accs["teacher_shape"] = teacher_accuracy(distiller.teacher, model, tokenizer, sets)
+                classify = zero_shot_classifier(model, tokenizer, sets)
+                accs["teacher_shape"] = teacher_accuracy(distiller.teacher, sets, classify)
             rec = {
                 "step": step + 1,
                 "loss": loss.item(),

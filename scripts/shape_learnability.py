@@ -22,7 +22,7 @@ import numpy as np
 import open_clip
 import torch
 import torch.nn.functional as F
-from pretrain_tiny_shapes import ASSETS, TeacherCNN, to_input
+from pretrain_tiny_shapes import ASSETS, Distiller, to_input
 
 from clipadapt.data import shapesworld as sw
 
@@ -100,9 +100,10 @@ def main() -> None:
 
         return log
 
-    teacher = None
+    teacher = distiller = None
     if args.arch in ("cnn", "vit-distill"):
-        teacher = TeacherCNN(len(sw.SHAPES))
+        distiller = Distiller(len(sw.SHAPES), vit_width=128)  # the CNN + the token regression
+        teacher = distiller.teacher
         steps = args.steps if args.arch == "cnn" else args.teacher_steps
         identity = torch.nn.Identity()
         train(teacher, identity, train_set, steps, evaluator(teacher, identity), tag="cnn ")
@@ -110,23 +111,22 @@ def main() -> None:
         return
     model, head = vit(), torch.nn.Linear(128, len(sw.SHAPES))
     extra = None
-    if teacher is not None:
+    if distiller is not None:
         teacher.requires_grad_(False)
         feats: dict[str, torch.Tensor] = {}
         model.transformer.resblocks[args.layer].register_forward_hook(
             lambda _m, _i, o: feats.__setitem__("tokens", o)
         )
-        reg = torch.nn.Linear(model.conv1.out_channels, 128)
 
         class Dense(torch.nn.Module):
+            """The pre-training script's dense loss, as a module so that `train` optimises reg."""
+
             def __init__(self):
                 super().__init__()
-                self.reg = reg
+                self.reg = distiller.reg
 
             def forward(self, x):
-                target = teacher.stem(x).flatten(2).transpose(1, 2)
-                target = F.layer_norm(target, target.shape[-1:])
-                return F.mse_loss(self.reg(feats["tokens"][:, 1:]), target)
+                return distiller.dense_loss(feats["tokens"], teacher.stem(x))
 
         extra = Dense()
     train(model, head, train_set, args.steps, evaluator(model, head), extra, tag="vit ")
