@@ -131,6 +131,22 @@ def head_forward(head: nn.Module, batch: training.Batch) -> Tensor:
     return head(batch.tokens, batch.features)
 
 
+def train_head(adapter, train: FeatureSet, loss, **selection: Any) -> dict[str, Any]:
+    """Train ``adapter.head`` with the shared loop (model selection by ``val=`` or
+    ``evaluate=``); returns what goes in ``adapter.fitted``."""
+    config = training.TrainConfig.from_config(
+        adapter.config, device=adapter.device, desc=adapter.name
+    )
+    result = training.train(
+        adapter.head, train, config, forward=head_forward, loss_fn=loss, **selection
+    )
+    return {
+        "epoch": result.best_epoch,
+        "val_accuracy": result.best_score,
+        "parameters": count_parameters(adapter.head),
+    }
+
+
 def inverse_frequency(labels: Tensor, num_classes: int) -> Tensor:
     """[C] weights N / (C · n_c) (1 for a class without samples), labels [N] in 0..C-1."""
     counts = torch.bincount(labels, minlength=num_classes).float()
@@ -188,15 +204,7 @@ class MHAdapter(Method):
         def loss(logits: Tensor, labels: Tensor) -> Tensor:
             return F.cross_entropy(logits, labels, weight=weight)
 
-        config = training.TrainConfig.from_config(c, device=self.device, desc=self.name)
-        result = training.train(
-            self.head, train, config, val=val, forward=head_forward, loss_fn=loss
-        )
-        self.fitted = {
-            "epoch": result.best_epoch,
-            "val_accuracy": result.best_score,
-            "parameters": count_parameters(self.head),
-        }
+        self.fitted = train_head(self, train, loss, val=val)
         return self
 
     @torch.no_grad()
@@ -276,15 +284,7 @@ class MultiTaskMHAdapter:
             def evaluate(_: nn.Module) -> float:
                 return sum(self.accuracies(val)) / len(blocks)
 
-        config = training.TrainConfig.from_config(c, device=self.device, desc=self.name)
-        result = training.train(
-            self.head, train, config, forward=head_forward, loss_fn=loss, evaluate=evaluate
-        )
-        self.fitted = {
-            "epoch": result.best_epoch,
-            "val_accuracy": result.best_score,
-            "parameters": count_parameters(self.head),
-        }
+        self.fitted = train_head(self, train, loss, evaluate=evaluate)
         return self
 
     @torch.no_grad()
