@@ -10,7 +10,7 @@ duplicate-aware: every image in the batch that satisfies a caption's facts is a 
 A small ViT trained on this little data sits on a plateau: it memorises but does not learn
 shape for thousands of steps, while a small CNN learns shape in a few hundred (docs/tiny-shapes.md
 has the measurements). So a small CNN teaches the ViT: the ViT's tokens after block
-`--distill-layer` regress the CNN's stride-8 feature map (dense feature distillation, detached
+`--distill-layers` regress the CNN's stride-8 feature map (dense feature distillation, detached
 targets), beside the contrastive loss. `--teacher facts` (default) first trains the CNN for
 `--teacher-steps` on single-object scenes to predict their facts (shape: cross-entropy; colour,
 pattern, lighting, weather, quality: multi-label, from the generator) and then freezes it;
@@ -44,9 +44,10 @@ STD = torch.tensor(open_clip.OPENAI_DATASET_STD).view(1, 3, 1, 1)
 
 
 class TeacherCNN(torch.nn.Module):
-    """A small CNN image tower: stride-8 feature map for distillation, embedding for InfoNCE."""
+    """A small CNN image tower: a stride-8 feature map and a pooled vector for distillation,
+    and an output layer (fact logits or an embedding for InfoNCE)."""
 
-    def __init__(self, embed_dim: int, width: int = 128):
+    def __init__(self, out_dim: int, width: int = 128):
         super().__init__()
         nn = torch.nn
         self.stem = nn.Sequential(
@@ -56,27 +57,53 @@ class TeacherCNN(torch.nn.Module):
         )  # fmt: skip
         self.top = nn.Sequential(
             nn.Conv2d(width, width, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
-            nn.Flatten(), nn.Linear(width, embed_dim),
+            nn.Flatten(), nn.Linear(width, out_dim),
         )  # fmt: skip
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The stride-8 map [B,C,h,w] and the pooled vector [B,C] the output layer reads."""
         fmap = self.stem(x)
-        return self.top(fmap), fmap
+        return fmap, self.top[:-1](fmap)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        fmap, pooled = self.features(x)
+        return self.top[-1](pooled), fmap
 
 
 class Distiller(torch.nn.Module):
-    """Teacher CNN + a linear map from the ViT's token width to the teacher's channels."""
+    """Teacher CNN + linear maps from the ViT's tokens (one per distilled block) and from its
+    image embedding to the teacher's channels."""
 
-    def __init__(self, embed_dim: int, vit_width: int, width: int = 128):
+    def __init__(self, out_dim: int, vit_width: int, embed_dim: int, layers=(1,), width: int = 128):
         super().__init__()
-        self.teacher = TeacherCNN(embed_dim, width)
-        self.reg = torch.nn.Linear(vit_width, width)
+        self.teacher = TeacherCNN(out_dim, width)
+        self.layers = tuple(layers)
+        self.reg = torch.nn.ModuleList(torch.nn.Linear(vit_width, width) for _ in self.layers)
+        self.pooled_reg = torch.nn.Linear(embed_dim, width)
 
-    def dense_loss(self, tokens: torch.Tensor, fmap: torch.Tensor) -> torch.Tensor:
-        """MSE between mapped ViT patch tokens [B,1+N,W] and the LayerNormed map [B,C,h,w]."""
-        target = fmap.detach().flatten(2).transpose(1, 2)
+    def hook(self, vit) -> dict[int, torch.Tensor]:
+        """Record the tokens after each distilled block of ``vit`` into the returned dict."""
+        tokens: dict[int, torch.Tensor] = {}
+        for i, layer in enumerate(self.layers):
+            vit.transformer.resblocks[layer].register_forward_hook(
+                lambda _m, _i, o, i=i: tokens.__setitem__(i, o)
+            )
+        return tokens
+
+    def dense_loss(self, tokens: dict[int, torch.Tensor], fmap: torch.Tensor) -> torch.Tensor:
+        """Mean over the distilled blocks of the MSE between the mapped patch tokens
+        [B,1+N,W] and the LayerNormed teacher map [B,C,h,w]."""
+        target = fmap.detach().flatten(2).transpose(1, 2).float()
         target = F.layer_norm(target, target.shape[-1:])
-        return F.mse_loss(self.reg(tokens[:, 1:].float()), target.float())
+        losses = [F.mse_loss(r(tokens[i][:, 1:].float()), target) for i, r in enumerate(self.reg)]
+        return torch.stack(losses).mean()
+
+    def pooled_loss(self, embedding: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
+        """MSE between the mapped image embedding [B,D] and the pooled vector [B,C], each
+        channel standardised over the batch (so that only what differs between images counts)."""
+        target = pooled.detach().float()
+        target = (target - target.mean(0)) / (target.std(0) + 1e-5)
+        return F.mse_loss(self.pooled_reg(embedding.float()), target)
 
 
 GROUP = 4
@@ -87,18 +114,33 @@ VARY = {"shape": 0.6, "pattern": 0.25, "colour": 0.15}
 EASY = {"lighting": 0, "weather": 0, "quality": 0}
 
 
-def easy_scene(rng: np.random.Generator) -> sw.Scene:
-    """One large solid object in daylight, clear weather, sharp: shape is all there is to see."""
-    return sw.sample_scene(rng, n_objects=(1, 1), pattern=0, attrs=EASY, size_range=(0.26, 0.42))
+def easy_scene(rng: np.random.Generator, spread: float = 1.0) -> sw.Scene:
+    """One large solid object in daylight, clear weather, sharp: shape is all there is to see.
+
+    ``spread`` scales the object's offset from the image centre (0: centred, 1: anywhere).
+    """
+    scene = sw.sample_scene(rng, n_objects=(1, 1), pattern=0, attrs=EASY, size_range=(0.26, 0.42))
+    o = scene.objects[0]
+    o.cx, o.cy = 0.5 + spread * (o.cx - 0.5), 0.5 + spread * (o.cy - 0.5)
+    return scene
 
 
-def contrast_group(rng: np.random.Generator, n: int, easy: bool = False) -> list[sw.Scene]:
+def spread_at(step: int, centre_steps: int, spread_steps: int) -> float:
+    """Position curriculum: easy objects stay centred, then their range grows linearly."""
+    if spread_steps <= 0:
+        return 1.0 if step >= centre_steps else 0.0
+    return min(1.0, max(0.0, (step - centre_steps) / spread_steps))
+
+
+def contrast_group(
+    rng: np.random.Generator, n: int, easy: bool = False, spread: float = 1.0
+) -> list[sw.Scene]:
     """n copies of one scene that differ only in one property of the first object.
 
     Colour and scene attributes are easy to learn and would otherwise explain most caption
     pairs in a batch; a group forces the towers to tell shapes (and patterns) apart.
     """
-    base = easy_scene(rng) if easy else sw.sample_scene(rng)
+    base = easy_scene(rng, spread) if easy else sw.sample_scene(rng)
     field = "shape" if easy else str(rng.choice(list(VARY), p=list(VARY.values())))
     count = {"shape": len(sw.SHAPES), "pattern": len(sw.PATTERNS), "colour": len(sw.COLOURS)}[field]
     values = rng.permutation(count)
@@ -113,7 +155,9 @@ def contrast_group(rng: np.random.Generator, n: int, easy: bool = False) -> list
 class Batches(torch.utils.data.IterableDataset):
     """Endless batches: images uint8 [B,H,W,3], tokens [B,L], image facts, caption facts."""
 
-    def __init__(self, seed, batch, size, tokenizer, start=0, easy_steps=0, easy_share=0.0):
+    def __init__(
+        self, seed, batch, size, tokenizer, start=0, easy_steps=0, easy_share=0.0, spread=(0, 0)
+    ):
         self.seed, self.batch, self.size, self.tokenizer, self.start = (
             seed,
             batch,
@@ -122,6 +166,7 @@ class Batches(torch.utils.data.IterableDataset):
             start,
         )
         self.easy_steps, self.easy_share = easy_steps, easy_share
+        self.spread = spread  # (centre steps, spread steps) of the position curriculum
 
     def __iter__(self):
         step = self.start
@@ -131,7 +176,9 @@ class Batches(torch.utils.data.IterableDataset):
             scenes = [
                 v
                 for _ in range(self.batch // GROUP)
-                for v in contrast_group(rng, GROUP, easy=rng.random() < share)
+                for v in contrast_group(
+                    rng, GROUP, easy=rng.random() < share, spread=spread_at(step, *self.spread)
+                )
             ]
             images = np.stack([sw.render(s, self.size)[0] for s in scenes])
             caps, cap_facts = zip(*(st.caption(s, rng) for s in scenes), strict=True)
@@ -310,6 +357,15 @@ def main() -> None:
         "--easy-steps", type=int, default=300, help="curriculum: clean single objects first"
     )
     ap.add_argument("--easy-share", type=float, default=0.2, help="share of easy groups afterwards")
+    ap.add_argument(
+        "--centre-steps", type=int, default=0, help="position curriculum: easy objects centred"
+    )
+    ap.add_argument(
+        "--spread-steps",
+        type=int,
+        default=0,
+        help="position curriculum: steps over which the easy objects' range grows to the image",
+    )
     ap.add_argument("--bf16", action="store_true", help="bfloat16 autocast (fp32 master weights)")
     ap.add_argument(
         "--teacher",
@@ -319,8 +375,18 @@ def main() -> None:
         "co-trained on the captions, or none",
     )
     ap.add_argument("--teacher-steps", type=int, default=1200, help="facts: teacher steps")
-    ap.add_argument("--distill-layer", type=int, default=1, help="ViT block whose tokens regress")
+    ap.add_argument(
+        "--distill-layers",
+        default="1",
+        help="comma-separated ViT blocks whose tokens regress the teacher's stride-8 map",
+    )
     ap.add_argument("--distill-weight", type=float, default=1.0)
+    ap.add_argument(
+        "--pooled-weight",
+        type=float,
+        default=0.0,
+        help="weight of the image embedding's regression onto the teacher's pooled vector",
+    )
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -335,17 +401,18 @@ def main() -> None:
         else model.visual.image_size
     )
     distiller = None
-    feats: dict[str, torch.Tensor] = {}
     if args.teacher != "none":
         torch.manual_seed(args.seed + 1)
-        out_dim = len(FACT_COLUMNS) if args.teacher == "facts" else model.text_projection.shape[1]
-        distiller = Distiller(out_dim, model.visual.conv1.out_channels)
-        model.visual.transformer.resblocks[args.distill_layer].register_forward_hook(
-            lambda _m, _i, o: feats.__setitem__("tokens", o)
-        )
+        embed_dim = model.text_projection.shape[1]
+        out_dim = len(FACT_COLUMNS) if args.teacher == "facts" else embed_dim
+        layers = [int(v) for v in args.distill_layers.split(",")]
+        distiller = Distiller(out_dim, model.visual.conv1.out_channels, embed_dim, layers)
+        vit_tokens = distiller.hook(model.visual)
     groups = param_groups(model, args.wd)
     if distiller is not None:  # the facts teacher trains on its own first, then stays frozen
-        trained_here = distiller.reg if args.teacher == "facts" else distiller
+        trained_here = distiller
+        if args.teacher == "facts":
+            trained_here = torch.nn.ModuleList([distiller.reg, distiller.pooled_reg])
         for g, e in zip(groups, param_groups(trained_here, args.wd), strict=True):
             g["params"] += e["params"]
     opt = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.98), eps=1e-6)
@@ -367,7 +434,16 @@ def main() -> None:
             }
     sets = eval_sets(args.seed + 1, 400, size)
     loader = torch.utils.data.DataLoader(
-        Batches(args.seed, args.batch, size, tokenizer, start, args.easy_steps, args.easy_share),
+        Batches(
+            args.seed,
+            args.batch,
+            size,
+            tokenizer,
+            start,
+            args.easy_steps,
+            args.easy_share,
+            (args.centre_steps, args.spread_steps),
+        ),
         batch_size=None,
         num_workers=1,
         prefetch_factor=4,
@@ -395,10 +471,12 @@ def main() -> None:
             img = model.encode_image(x)
             txt = model.encode_text(tokens)
             if args.teacher == "captions":
-                t_img, fmap = distiller.teacher(x)
+                fmap, pooled = distiller.teacher.features(x)
+                t_img = distiller.teacher.top[-1](pooled)
             elif args.teacher == "facts":
                 with torch.no_grad():
-                    fmap = distiller.teacher.stem(x)
+                    fmap, pooled = distiller.teacher.features(x)
+        raw_img = img
         img, txt = F.normalize(img.float(), dim=-1), F.normalize(txt.float(), dim=-1)
         scale = model.logit_scale.exp()
         loss = contrastive_loss(img, txt, scale, img_f, cap_f)
@@ -406,8 +484,11 @@ def main() -> None:
             t_img = F.normalize(t_img.float(), dim=-1)
             loss = loss + contrastive_loss(t_img, txt, scale, img_f, cap_f)
         if distiller is not None:
-            d_loss = distiller.dense_loss(feats["tokens"], fmap)
+            d_loss = distiller.dense_loss(vit_tokens, fmap)
             loss = loss + args.distill_weight * d_loss
+            if args.pooled_weight:
+                p_loss = distiller.pooled_loss(raw_img, pooled)
+                loss = loss + args.pooled_weight * p_loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -415,6 +496,8 @@ def main() -> None:
             model.logit_scale.clamp_(0, math.log(100))
         if (step + 1) % 25 == 0:
             dense = f"dense {d_loss.item():.3f} " if distiller else ""
+            if distiller and args.pooled_weight:
+                dense += f"pooled {p_loss.item():.3f} "
             print(
                 f"step {step + 1} loss {loss.item():.4f} {dense}"
                 f"scale {model.logit_scale.exp().item():.1f} "

@@ -270,6 +270,9 @@ def test_hf_gives_the_same_embeddings_tokens_and_preprocess(ref, hf_folder):
     for layer in (-1, -2):
         assert torch.allclose(bb.patch_tokens(ref["x"], layer), oc.patch_tokens(ref["x"], layer),
                               atol=1e-4)  # fmt: skip
+        z, tokens = bb.encode_images_and_tokens(ref["x"], layer, normalize=False)
+        assert torch.allclose(tokens, bb.patch_tokens(ref["x"], layer), atol=1e-6)
+        assert torch.allclose(z, bb.encode_images(ref["x"], normalize=False), atol=1e-6)
     image = Image.fromarray(torch.randint(0, 256, (40, 48, 3), dtype=torch.uint8).numpy())
     assert torch.allclose(bb.preprocess(image), oc.preprocess(image), atol=1e-6)
 
@@ -337,6 +340,18 @@ def test_patch_tokens_match_open_clip_intermediates(tiny_vit_backbone, layer, in
     assert torch.allclose(tokens, out["image_intermediates"][0], atol=1e-5)
     with pytest.raises(ca.ClipAdaptError):
         bb.patch_tokens(x, layer=2)
+
+
+@pytest.mark.parametrize("layer", [-1, -2, 0])
+def test_one_pass_embeddings_and_tokens_equal_the_separate_ones(tiny_vit_backbone, layer):
+    bb, x = tiny_vit_backbone, torch.randn(3, 3, 32, 32)
+    z, tokens = bb.encode_images_and_tokens(x, layer, normalize=False)
+    torch.testing.assert_close(z, bb.encode_images(x, normalize=False), atol=1e-6, rtol=0)
+    torch.testing.assert_close(tokens, bb.patch_tokens(x, layer), atol=1e-6, rtol=0)
+    z1, _ = bb.encode_images_and_tokens(x, layer)
+    torch.testing.assert_close(z1, bb.encode_images(x))
+    with pytest.raises(ca.ClipAdaptError, match="out of range"):
+        bb.encode_images_and_tokens(x, layer=2)
 
 
 def test_patch_tokens_on_a_resnet_is_a_user_error():

@@ -56,6 +56,14 @@ class Counting:
         self.images += x.shape[0]
         return self._bb.encode_images(x, normalize)
 
+    def patch_tokens(self, x, layer=-1):
+        self.images += x.shape[0]
+        return self._bb.patch_tokens(x, layer)
+
+    def encode_images_and_tokens(self, x, layer=-1, normalize=True):
+        self.images += x.shape[0]
+        return self._bb.encode_images_and_tokens(x, layer, normalize)
+
 
 def _plain_features(bb, paths: list[str]) -> torch.Tensor:
     """Eval embeddings one image at a time, no DataLoader, no cache."""
@@ -245,6 +253,17 @@ def test_patch_tokens_are_cached_in_fp16(tiny_vit_backbone, images, tmp_path):
         counting, images, tokens_layer=-2, cache_dir=tmp_path / "c", num_workers=0, progress=False
     )
     assert counting.images == 0 and torch.equal(again.tokens, fs.tokens)
+
+
+def test_embeddings_and_tokens_of_a_view_come_from_one_forward_pass(tiny_vit_backbone, images):
+    bb, counting = tiny_vit_backbone, Counting(tiny_vit_backbone)
+    options = dict(views=2, tokens_layer=-2, view_tokens=True, num_workers=0, progress=False)
+    fs = extract(counting, images, **options)
+    assert counting.images == 3 * N_IMAGES  # the eval view and two augmented views, once each
+    x = torch.stack([bb.preprocess(load_rgb(p)) for p in images.paths])
+    torch.testing.assert_close(fs.features, bb.encode_images(x, normalize=False))
+    torch.testing.assert_close(fs.tokens, bb.patch_tokens(x, -2).half())
+    assert fs.view_tokens.shape == (2, N_IMAGES, 16, 64)
 
 
 def test_bad_images_raise_or_are_skipped(tiny_vit_backbone, images, tmp_path):

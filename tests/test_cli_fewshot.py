@@ -234,6 +234,9 @@ def test_bench_runs_resumes_and_reports(world, tmp_path, capsys):
 
     # mean ± std over seeds, average over datasets: recomputed from the JSONs
     records = [json.loads(p.read_text()) for p in (out / "runs").glob("*.json")]
+    for r in records:  # wall-clock seconds per phase; zero-shot has no fit
+        want = {"eval"} if r["method"] == "zero-shot" else {"extract", "fit", "eval"}
+        assert set(r["seconds"]) == want and all(v >= 0 for v in r["seconds"].values())
     tip = {
         d: [
             r["metrics"]["top1"]

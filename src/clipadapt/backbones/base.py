@@ -73,6 +73,14 @@ class Backbone:
         """[B,3,H,W] on device -> per block, the residual stream [B,1+P,W] (CLS first)."""
         raise ClipAdaptError(f"{self.name}: patch tokens need a ViT image tower")
 
+    def _blocks(self) -> list[torch.nn.Module]:
+        """The image tower's transformer blocks, in order (for one-pass token capture)."""
+        raise ClipAdaptError(f"{self.name}: patch tokens need a ViT image tower")
+
+    def _block_output(self, out) -> torch.Tensor:
+        """A block's forward output -> its residual stream [B,1+P,W] (CLS first)."""
+        raise NotImplementedError
+
     @property
     def logit_scale(self) -> float:
         """exp of the model's learned logit scale (100 for OpenAI weights)."""
@@ -130,6 +138,27 @@ class Backbone:
                 f"{self.name}: layer {layer} out of range for {len(states)} blocks"
             )
         return states[layer][:, 1:].float()
+
+    @torch.no_grad()
+    def encode_images_and_tokens(
+        self, x: torch.Tensor, layer: int = -1, normalize: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One forward pass: ``encode_images(x, normalize)`` and ``patch_tokens(x, layer)``,
+        the tokens read by a hook on block ``layer`` while the model computes the embedding."""
+        self.model.eval()
+        blocks = self._blocks()
+        if not -len(blocks) <= layer < len(blocks):
+            raise ClipAdaptError(
+                f"{self.name}: layer {layer} out of range for {len(blocks)} blocks"
+            )
+        seen: list[torch.Tensor] = []
+        hook = blocks[layer].register_forward_hook(lambda _m, _i, out: seen.append(out))
+        try:
+            z = self._image_features(self._input(x)).float()
+        finally:
+            hook.remove()
+        tokens = self._block_output(seen[-1])[:, 1:].float()
+        return (F.normalize(z, dim=-1) if normalize else z), tokens
 
     def dense_features(self, x: torch.Tensor, attention: str = "csa") -> torch.Tensor:
         """Images [B,3,H,W] -> per-patch joint-space embeddings [B,h,w,D] (backbones/dense.py)."""

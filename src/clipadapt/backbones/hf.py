@@ -39,6 +39,12 @@ class HFBackbone(Backbone):
     def _text_features(self, **tokens: torch.Tensor) -> torch.Tensor:
         return _features(self.model.get_text_features(**tokens))
 
+    def _blocks(self) -> list[torch.nn.Module]:
+        return list(self.model.vision_model.encoder.layers)
+
+    def _block_output(self, out) -> torch.Tensor:
+        return out[0] if isinstance(out, tuple) else out  # transformers < 5 return a tuple
+
     def _hidden_states(self, x: torch.Tensor) -> list[torch.Tensor]:
         out = self.model.vision_model(pixel_values=x, output_hidden_states=True)
         return list(out.hidden_states[1:])  # [0] is the input to the first block

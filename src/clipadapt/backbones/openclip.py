@@ -38,10 +38,21 @@ class OpenClipBackbone(Backbone):
     def _text_features(self, text: torch.Tensor) -> torch.Tensor:
         return self.model.encode_text(text)
 
-    def _hidden_states(self, x: torch.Tensor) -> list[torch.Tensor]:
+    def _vit(self) -> VisionTransformer:
         v = self.model.visual
         if not isinstance(v, VisionTransformer):
             raise ClipAdaptError(f"{self.name}: patch tokens need a ViT image tower, not a ResNet")
+        return v
+
+    def _blocks(self) -> list[torch.nn.Module]:
+        return list(self._vit().transformer.resblocks)
+
+    def _block_output(self, out) -> torch.Tensor:
+        seq_first = not getattr(self._vit().transformer, "batch_first", False)
+        return out.transpose(0, 1) if seq_first else out
+
+    def _hidden_states(self, x: torch.Tensor) -> list[torch.Tensor]:
+        v = self._vit()
         x = v.conv1(x).flatten(2).transpose(1, 2)  # [B, P, W]
         cls = v.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
         x = v.ln_pre(torch.cat([cls, x], dim=1) + v.positional_embedding.to(x.dtype))

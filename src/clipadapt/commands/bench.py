@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import time
 from pathlib import Path
 
 from tqdm.auto import tqdm
@@ -176,7 +177,7 @@ def run(args: argparse.Namespace) -> int:
                 seed=seed if seed is not None else 1,
                 device=args.device,
             )
-            extras = {}
+            extras, seconds = {}, {}
             if method_name == ZERO_SHOT:
                 method.fit(None, weights.to(method.device))
             else:
@@ -193,9 +194,12 @@ def run(args: argparse.Namespace) -> int:
                     views=args.views,
                     seed=seed,
                     extract_kw=kw,
+                    seconds=seconds,
                 )
                 extras = {"fitted": method.fitted, "views": method.meta["views"]}
+            eval_start = time.perf_counter()
             metrics = evaluate(method)
+            seconds["eval"] = time.perf_counter() - eval_start
             write_result(
                 result_path(method_name, shots, seed),
                 dataset=name,
@@ -209,6 +213,7 @@ def run(args: argparse.Namespace) -> int:
                 hparams=dataclasses.asdict(method.config),
                 templates=templates,
                 backbone=bb.identity,
+                seconds={k: round(v, 3) for k, v in seconds.items()},
                 **extras,
             )
             done += 1

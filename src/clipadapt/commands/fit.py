@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import time
 from pathlib import Path
 from typing import Any
 
@@ -95,13 +96,16 @@ def fit_on_subset(
     views: int | None,
     seed: int,
     extract_kw: dict[str, Any],
+    seconds: dict[str, float] | None = None,
 ):
     """Extract (cached) the subset's embeddings, fit ``method`` and fill its ``meta``.
 
-    Returns the text weights [C, D] used."""
+    Returns the text weights [C, D] used. ``seconds``, if given, receives the wall-clock
+    seconds of the extraction (text and images, cached or not) and of the fit."""
     from clipadapt.features import extract
     from clipadapt.zeroshot import text_weights
 
+    start = time.perf_counter()
     train, val = subset["train"], subset.get("val")
     weights = text_weights(bb, train.classnames, templates, extract_kw["cache_dir"])
     options = method.extract_options(train=True)
@@ -111,7 +115,10 @@ def fit_on_subset(
     val_fs = None
     if val is not None and len(val) > 0:
         val_fs = extract(bb, val, **method.extract_options(train=False), **extract_kw)
+    fit_start = time.perf_counter()
     method.fit(train_fs, weights.to(method.device), val=val_fs)
+    if seconds is not None:
+        seconds.update(extract=fit_start - start, fit=time.perf_counter() - fit_start)
     method.meta = {
         "classnames": list(train.classnames),
         "templates": list(templates),

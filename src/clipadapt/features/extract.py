@@ -143,6 +143,10 @@ class _Stream:
     input: int
     compute: Callable[[torch.Tensor], torch.Tensor]  # [B,3,H,W] on device -> rows on CPU
     dtype: torch.dtype = torch.float32
+    # Streams of one input that one forward pass serves (embeddings and patch tokens): the
+    # pass ``joint`` returns a tuple and this stream's rows are item ``part`` of it.
+    joint: Callable[[torch.Tensor], tuple] | None = None
+    part: int = 0
     entry: MemoryEntry | None = None
     todo: dict[int, int] = field(default_factory=dict)  # shards to compute: start -> stop
     pending: dict[int, list[torch.Tensor]] = field(default_factory=dict)
@@ -240,15 +244,16 @@ def _run(
             if bad and not skip_bad:
                 raise ClipAdaptError(_bad_message(bad[0]))
             index_list, n = index.tolist(), len(index)
+            joint: dict[int, tuple] = {}  # input -> the one pass's outputs, this batch
             for s in streams:
                 if not any(s.wants(i) for i in index_list):
                     continue
-                out = None if xs is None else s.compute(xs[s.input].to(bb.device))
+                out = None if xs is None else _rows(s, xs[s.input].to(bb.device), joint)
                 if out is not None:
                     s.row_shape = tuple(out.shape[1:])
                 elif s.row_shape is None:
                     probe = torch.zeros(1, 3, bb.image_size, bb.image_size, device=bb.device)
-                    s.row_shape = tuple(s.compute(probe).shape[1:])
+                    s.row_shape = tuple(_rows(s, probe, {}).shape[1:])
                 if out is not None and out.shape[0] == n:
                     rows_out = out
                 else:
@@ -257,6 +262,15 @@ def _run(
                         rows_out[ok] = out
                 s.add(index_list, rows_out, bad)
             bar.update(n)
+
+
+def _rows(s: _Stream, x: torch.Tensor, joint: dict[int, tuple]) -> torch.Tensor:
+    """Stream ``s``'s rows for input batch ``x``; a joint pass runs once per input."""
+    if s.joint is None:
+        return s.compute(x)
+    if s.input not in joint:
+        joint[s.input] = s.joint(x)
+    return joint[s.input][s.part]
 
 
 def _bad_message(b: dict) -> str:
@@ -331,6 +345,13 @@ def extract(
     }
     eval_tf = bb.preprocess
     inputs: list[tuple[Callable, int]] = [(eval_tf, 0)]
+    both = None
+    if tokens_layer is not None:
+
+        def both(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            z, t = bb.encode_images_and_tokens(x, tokens_layer, normalize=False)
+            return z.cpu(), t.half().cpu()
+
     streams = [
         _Stream(
             "embed-v0",
@@ -338,6 +359,7 @@ def extract(
             shard_size,
             0,
             lambda x: bb.encode_images(x, normalize=False).float().cpu(),
+            joint=both,
         )
     ]
     if tokens_layer is not None:
@@ -356,6 +378,8 @@ def extract(
                 0,
                 lambda x: bb.patch_tokens(x, tokens_layer).half().cpu(),
                 torch.float16,
+                joint=both,
+                part=1,
             )
         )
     if views:
@@ -370,10 +394,18 @@ def extract(
                 "transform": stable_repr(train_tf),
             }
             inputs.append((train_tf, v))
+            with_tokens = view_tokens and tokens_layer is not None
             streams.append(
-                _Stream(f"embed-v{v}", fields, shard_size, len(inputs) - 1, streams[0].compute)
+                _Stream(
+                    f"embed-v{v}",
+                    fields,
+                    shard_size,
+                    len(inputs) - 1,
+                    streams[0].compute,
+                    joint=both if with_tokens else None,
+                )
             )
-            if view_tokens and tokens_layer is not None:  # the same view's patch tokens
+            if with_tokens:  # the same view's patch tokens, from the same forward pass
                 token_fields = {**fields, "stream": "patch-tokens", "layer": tokens_layer}
                 streams.append(
                     _Stream(
@@ -383,6 +415,8 @@ def extract(
                         len(inputs) - 1,
                         streams[1].compute,
                         torch.float16,
+                        joint=both,
+                        part=1,
                     )
                 )
     rank, world = distributed.rank_world()
