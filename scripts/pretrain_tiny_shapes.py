@@ -1,6 +1,6 @@
 """Pre-train the embedded `tiny-shapes` CLIP on ShapesWorld captions (CPU, reproducible by seed).
 
-    python scripts/pretrain_tiny_shapes.py --bf16 --threads 1 --out runs/tiny-shapes --export
+    python scripts/pretrain_tiny_shapes.py --bf16 --threads 2 --out runs/tiny-shapes --export
 
 The architecture is the open_clip config shipped in src/clipadapt/assets/tiny-shapes/. Scenes
 and captions are generated on the fly (one DataLoader worker); the contrastive targets are
@@ -17,6 +17,11 @@ pattern, lighting, weather, quality: multi-label, from the generator) and then f
 `--teacher captions` trains it beside the ViT with the same captions and text tower;
 `--teacher none` is plain CLIP.
 The CNN and the regression head are training-only: `--export` writes the open_clip ViT CLIP.
+
+What the ViT is slowest to learn is a shape at every position (docs/tiny-shapes.md). The first
+`--easy-steps` are clean single objects in groups that differ only in shape; of those, the first
+`--centre-steps` put the object at the image centre and the next `--spread-steps` widen its
+range to the whole image (position curriculum). Afterwards `--easy-share` of the groups stay easy.
 """
 
 from __future__ import annotations
@@ -342,7 +347,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    ap.add_argument("--steps", type=int, default=2000)
+    ap.add_argument("--steps", type=int, default=4000)
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--warmup", type=int, default=100)
@@ -354,16 +359,16 @@ def main() -> None:
     ap.add_argument("--export", action="store_true", help="write the fp16 weights into the package")
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument(
-        "--easy-steps", type=int, default=300, help="curriculum: clean single objects first"
+        "--easy-steps", type=int, default=1200, help="curriculum: clean single objects first"
     )
-    ap.add_argument("--easy-share", type=float, default=0.2, help="share of easy groups afterwards")
+    ap.add_argument("--easy-share", type=float, default=0.3, help="share of easy groups afterwards")
     ap.add_argument(
-        "--centre-steps", type=int, default=0, help="position curriculum: easy objects centred"
+        "--centre-steps", type=int, default=300, help="position curriculum: easy objects centred"
     )
     ap.add_argument(
         "--spread-steps",
         type=int,
-        default=0,
+        default=800,
         help="position curriculum: steps over which the easy objects' range grows to the image",
     )
     ap.add_argument("--bf16", action="store_true", help="bfloat16 autocast (fp32 master weights)")

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import Counting
 from PIL import Image
 from torchvision import transforms as T
 
@@ -39,30 +40,6 @@ def images(tmp_path):
     _write_images(tmp_path / "imgs")
     with pytest.warns(UserWarning, match="same images"):
         return load_dataset(tmp_path / "imgs")["train"]
-
-
-class Counting:
-    """The backbone, counting the images it encodes."""
-
-    def __init__(self, bb, preprocess=None) -> None:
-        self._bb, self.images = bb, 0
-        if preprocess is not None:
-            self.preprocess = preprocess
-
-    def __getattr__(self, name):
-        return getattr(self._bb, name)
-
-    def encode_images(self, x, normalize=True):
-        self.images += x.shape[0]
-        return self._bb.encode_images(x, normalize)
-
-    def patch_tokens(self, x, layer=-1):
-        self.images += x.shape[0]
-        return self._bb.patch_tokens(x, layer)
-
-    def encode_images_and_tokens(self, x, layer=-1, normalize=True):
-        self.images += x.shape[0]
-        return self._bb.encode_images_and_tokens(x, layer, normalize)
 
 
 def _plain_features(bb, paths: list[str]) -> torch.Tensor:

@@ -8,8 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_VIT
-from PIL import Image
+from conftest import TINY_VIT, write_colour_dataset
 from safetensors.torch import save_file
 
 import clipadapt as ca
@@ -22,21 +21,7 @@ COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (40, 60, 230)}
 
 
 def _write_dataset(folder: Path, name: str, seed: int, per_split=(5, 2, 4)) -> Path:
-    """A CoOp-style split json over 32 px images: one colour per class, noisy."""
-    rng = np.random.default_rng(seed)
-    splits = {}
-    for split, count in zip(("train", "val", "test"), per_split, strict=True):
-        entries = []
-        for label, (cname, rgb) in enumerate(COLOURS.items()):
-            for i in range(count):
-                rel = f"{cname}/{split}{i}.png"
-                pixels = np.clip(np.array(rgb) + rng.normal(0, 40, (32, 32, 3)), 0, 255)
-                (folder / "images" / cname).mkdir(parents=True, exist_ok=True)
-                Image.fromarray(pixels.astype(np.uint8)).save(folder / "images" / rel)
-                entries.append([rel, label, cname])
-        splits[split] = entries
-    (folder / f"split_zhou_{name}.json").write_text(json.dumps(splits))
-    return folder
+    return write_colour_dataset(folder, name, COLOURS, per_split, seed)
 
 
 def _weights(path: Path, seed: int) -> Path:

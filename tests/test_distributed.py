@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_VIT
+from conftest import TINY_VIT, Counting
 from PIL import Image
 from safetensors.torch import save_file
 
@@ -125,18 +125,6 @@ def _extract_args(setup, out: Path) -> list[str]:
         "1",
         "--skip-bad",
     ]
-
-
-class Counting:
-    def __init__(self, bb) -> None:
-        self._bb, self.images = bb, 0
-
-    def __getattr__(self, name):
-        return getattr(self._bb, name)
-
-    def encode_images(self, x, normalize=True):
-        self.images += x.shape[0]
-        return self._bb.encode_images(x, normalize)
 
 
 def _cached(setup, cache: Path):

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_VIT
+from conftest import TINY_VIT, Counting, write_colour_dataset
 from PIL import Image
 from safetensors.torch import save_file
 
@@ -41,21 +41,7 @@ COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (40, 60, 230)}
 
 
 def _write_dataset(folder: Path, name: str, colours: dict, per_split=(4, 1, 2)) -> Path:
-    """A CoOp-style split json over 32 px noisy one-colour images."""
-    rng = np.random.default_rng(len(name))
-    splits = {}
-    for split, count in zip(("train", "val", "test"), per_split, strict=True):
-        entries = []
-        for label, (cname, rgb) in enumerate(colours.items()):
-            for i in range(count):
-                rel = f"{cname}/{split}{i}.png"
-                pixels = np.clip(np.array(rgb) + rng.normal(0, 40, (32, 32, 3)), 0, 255)
-                (folder / "images" / cname).mkdir(parents=True, exist_ok=True)
-                Image.fromarray(pixels.astype(np.uint8)).save(folder / "images" / rel)
-                entries.append([rel, label, cname])
-        splits[split] = entries
-    (folder / f"split_zhou_{name}.json").write_text(json.dumps(splits))
-    return folder
+    return write_colour_dataset(folder, name, colours, per_split, seed=len(name))
 
 
 @pytest.fixture(scope="module")
@@ -92,20 +78,6 @@ def _one_error_line(capsys) -> str:
     errors = [line for line in lines if "error" in line.lower()]
     assert errors == lines[-1:] and lines[-1].startswith("clipadapt: error: "), err
     return lines[-1]
-
-
-class Counting:
-    """A backbone that counts the images it encodes."""
-
-    def __init__(self, bb) -> None:
-        self._bb, self.images = bb, 0
-
-    def __getattr__(self, name):
-        return getattr(self._bb, name)
-
-    def encode_images(self, x, normalize=True):
-        self.images += x.shape[0]
-        return self._bb.encode_images(x, normalize)
 
 
 # --- bad images ----------------------------------------------------------------------------------
