@@ -432,6 +432,8 @@ def main() -> None:
         start = state["step"]
         opt_state = load_file(out / "last-opt.safetensors")
         for i, p in enumerate(p for g in opt.param_groups for p in g["params"]):
+            if f"{i}.step" not in opt_state:  # never updated (e.g. an unused loss's head)
+                continue
             opt.state[p] = {
                 "step": opt_state[f"{i}.step"],
                 "exp_avg": opt_state[f"{i}.exp_avg"],

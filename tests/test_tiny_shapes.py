@@ -62,8 +62,8 @@ def test_scene_attributes_clearly_above_chance(tiny, attribute):
 
 @pytest.mark.xfail(
     strict=True,
-    reason="known gap: the shipped checkpoint has not learned shape (zero-shot near chance, "
-    "target 0.75); see README 'The embedded model'",
+    reason="known gap: the shipped checkpoint reads shape at about 0.6 zero-shot (target 0.75); "
+    "see README 'Known gaps' and docs/tiny-shapes.md",
 )
 def test_shape_floor(tiny):
     acc, _ = _task(tiny, "shape")
