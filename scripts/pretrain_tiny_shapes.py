@@ -125,9 +125,13 @@ def easy_scene(rng: np.random.Generator, spread: float = 1.0) -> sw.Scene:
     ``spread`` scales the object's offset from the image centre (0: centred, 1: anywhere).
     """
     scene = sw.sample_scene(rng, n_objects=(1, 1), pattern=0, attrs=EASY, size_range=(0.26, 0.42))
-    o = scene.objects[0]
-    o.cx, o.cy = 0.5 + spread * (o.cx - 0.5), 0.5 + spread * (o.cy - 0.5)
+    towards_centre(scene.objects[0], spread)
     return scene
+
+
+def towards_centre(obj: sw.Obj, spread: float) -> None:
+    """Scale ``obj``'s offset from the image centre by ``spread`` (0: centred), in place."""
+    obj.cx, obj.cy = 0.5 + spread * (obj.cx - 0.5), 0.5 + spread * (obj.cy - 0.5)
 
 
 def spread_at(step: int, centre_steps: int, spread_steps: int) -> float:

@@ -28,7 +28,7 @@ import numpy as np
 import open_clip
 import torch
 import torch.nn.functional as F
-from pretrain_tiny_shapes import ASSETS, Distiller, spread_at, to_input
+from pretrain_tiny_shapes import ASSETS, Distiller, spread_at, to_input, towards_centre
 
 from clipadapt.data import shapesworld as sw
 
@@ -52,7 +52,7 @@ def scenes_and_labels(
         elif position == "grid":
             o.cx, o.cy = round(o.cx * 8) / 8, round(o.cy * 8) / 8
         else:
-            o.cx, o.cy = 0.5 + spread * (o.cx - 0.5), 0.5 + spread * (o.cy - 0.5)
+            towards_centre(o, spread)
     images = torch.from_numpy(np.stack([sw.render(s, 64)[0] for s in scenes]))
     return to_input(images), torch.from_numpy(labels)
 

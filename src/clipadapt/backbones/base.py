@@ -133,11 +133,12 @@ class Backbone:
         ``layer`` (python indexing: -1 the last block, -2 the one before), before ln_post."""
         self.model.eval()
         states = self._hidden_states(self._input(x))
-        if not -len(states) <= layer < len(states):
-            raise ClipAdaptError(
-                f"{self.name}: layer {layer} out of range for {len(states)} blocks"
-            )
+        self._check_layer(layer, len(states))
         return states[layer][:, 1:].float()
+
+    def _check_layer(self, layer: int, blocks: int) -> None:
+        if not -blocks <= layer < blocks:
+            raise ClipAdaptError(f"{self.name}: layer {layer} out of range for {blocks} blocks")
 
     @torch.no_grad()
     def encode_images_and_tokens(
@@ -147,10 +148,7 @@ class Backbone:
         the tokens read by a hook on block ``layer`` while the model computes the embedding."""
         self.model.eval()
         blocks = self._blocks()
-        if not -len(blocks) <= layer < len(blocks):
-            raise ClipAdaptError(
-                f"{self.name}: layer {layer} out of range for {len(blocks)} blocks"
-            )
+        self._check_layer(layer, len(blocks))
         seen: list[torch.Tensor] = []
         hook = blocks[layer].register_forward_hook(lambda _m, _i, out: seen.append(out))
         try:

@@ -146,7 +146,8 @@ class _Stream:
     fields: dict
     shard_size: int
     input: int
-    compute: Callable[[torch.Tensor], torch.Tensor]  # [B,3,H,W] on device -> rows on CPU
+    # [B,3,H,W] on device -> rows on CPU; None for a stream that only a joint pass serves
+    compute: Callable[[torch.Tensor], torch.Tensor] | None
     dtype: torch.dtype = torch.float32
     # Streams of one input that one forward pass serves (embeddings and patch tokens): the
     # pass ``joint`` returns a tuple and this stream's rows are item ``part`` of it.
@@ -381,7 +382,7 @@ def extract(
                 fields,
                 tokens_shard_size,
                 0,
-                lambda x: bb.patch_tokens(x, tokens_layer).half().cpu(),
+                None,  # patch tokens always come with the embedding, from one pass
                 torch.float16,
                 joint=both,
                 part=1,
@@ -418,7 +419,7 @@ def extract(
                         {**token_fields, "dtype": "float16"},
                         tokens_shard_size,
                         len(inputs) - 1,
-                        streams[1].compute,
+                        None,
                         torch.float16,
                         joint=both,
                         part=1,
