@@ -19,7 +19,7 @@ from torchvision import transforms as T
 from clipadapt.data import load_dataset
 from clipadapt.errors import ClipAdaptError
 from clipadapt.features import extract
-from clipadapt.features.extract import _seeded, load_rgb, to_rgb, view_seed
+from clipadapt.features.extract import _seeded, image_keys, load_rgb, to_rgb, view_seed
 
 N_IMAGES = 12
 
@@ -202,13 +202,44 @@ def test_views_are_seeded_per_image_and_view(tiny_vit_backbone, images):
     torch.testing.assert_close(a.views, b.views)
     assert a.views.shape == (2, N_IMAGES, bb.embed_dim)
     augment = bb.train_transform("rrc-flip")
+    keys = image_keys(images)
+    assert keys[0] == "ant/00.jpg"  # relative to the dataset root: the same on any machine
     for v, i in ((1, 0), (2, 5)):
-        with _seeded(view_seed(7, v, i)):
+        with _seeded(view_seed(7, v, keys[i])):
             x = augment(load_rgb(images.paths[i]))
         torch.testing.assert_close(a.views[v - 1, i], bb.encode_images(x[None], False)[0])
     assert not torch.allclose(a.views[0], a.views[1])
     c = extract(bb, images, views=1, seed=8, num_workers=0, progress=False)
     assert not torch.allclose(c.views[0], a.views[0])
+
+
+def test_a_subsets_views_are_rows_of_its_parents(tiny_vit_backbone, images):
+    """Views are seeded by the image, not its place in the list: what SubsetPool relies on."""
+    bb = tiny_vit_backbone
+    whole = extract(bb, images, views=2, seed=3, num_workers=0, progress=False)
+    index = [7, 2, 11]
+    part = extract(bb, images.subset(index), views=2, seed=3, num_workers=0, progress=False)
+    torch.testing.assert_close(part.views, whole.views[:, index])
+    torch.testing.assert_close(part.features, whole.features[index])
+
+
+def test_subset_pool_extracts_the_union_once_and_serves_each_subset(tiny_vit_backbone, images):
+    from clipadapt.data import few_shot
+    from clipadapt.features.pool import SubsetPool
+
+    splits = {"train": images}
+    draws = [few_shot(splits, shots, seed) for shots, seed in ((1, 1), (2, 1), (2, 2))]
+    counting = Counting(tiny_vit_backbone)
+    pool = SubsetPool(counting, splits, draws, {"num_workers": 0, "progress": False})
+    union = sorted({i for d in draws for part in d.values() for i in part.indices})
+    for draw in draws:
+        for part in draw.values():
+            got = pool.features(part, {"views": 2})
+            want = extract(tiny_vit_backbone, part, views=2, num_workers=0, progress=False)
+            torch.testing.assert_close(got.features, want.features)
+            torch.testing.assert_close(got.views, want.views)
+            assert got.labels.tolist() == part.labels and got.paths == part.paths
+    assert counting.images == 3 * len(union) < 3 * sum(len(p) for d in draws for p in d.values())
 
 
 def test_patch_tokens_are_cached_in_fp16(tiny_vit_backbone, images, tmp_path):

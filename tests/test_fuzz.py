@@ -208,7 +208,7 @@ def test_image_decoding_reports_instead_of_raising(cut, flips, junk):
             data[i] = value
     with folder() as root:
         (root / "x.png").write_bytes(bytes(data))
-        i, xs, error = _Images([str(root / "x.png")], [(_to_tensor, 0)], 0)[0]
+        i, xs, error = _Images([str(root / "x.png")], ["x.png"], [(_to_tensor, 0)], 0)[0]
         assert i == 0 and (xs is None) != (error is None)
         if xs is not None:
             assert xs[0].shape[0] == 3

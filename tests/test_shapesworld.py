@@ -108,3 +108,26 @@ def test_segmentation_layout_uses_palette_indices(tmp_path):
 def test_every_task_has_a_template(task):
     names, _, template = sww.CLASSIFICATION_TASKS[task]
     assert "{}" in template and len(names) == len(set(names)) >= 8
+
+
+def test_tones_lighten_and_darken_only_the_first_object():
+    base = sw.Obj(0, 0, 0, 1, 0.5, 0.5, 0.3, 0)
+    plain, light, dark = (sw.object_rgb(sw.Obj(**{**vars(base), "tone": t})) for t in range(3))
+    assert (light > plain).all() and (dark < plain).all()
+    np.testing.assert_allclose(light, 0.5 * plain + 127)
+    np.testing.assert_allclose(dark, 0.5 * plain)
+    scene = sw.sample_scene(np.random.default_rng(3), n_objects=(3, 3), tone=2)
+    assert [o.tone for o in scene.objects] == [2, 0, 0]
+    # asking for a tone draws nothing more from the generator: other datasets stay as they were
+    a = sw.sample_scene(np.random.default_rng(4))
+    b = sw.sample_scene(np.random.default_rng(4), tone=1)
+    assert a.seed == b.seed and [o.shape for o in a.objects] == [o.shape for o in b.objects]
+
+
+def test_tones_task_labels_match_the_drawn_objects():
+    names, constraint, _ = sww.CLASSIFICATION_TASKS["tones"]
+    assert len(names) == 2 * len(sw.COLOUR_NAMES)
+    for label, name in enumerate(names):
+        tone, colour = name.split()
+        c = constraint(label)
+        assert sw.TONES[c["tone"]] == tone and sw.COLOUR_NAMES[c["colour"]] == colour

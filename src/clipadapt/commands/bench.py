@@ -4,7 +4,8 @@ Every (method, dataset, shots, seed) is one run and one JSON in DIR/runs/; a run
 exists is skipped, so an interrupted benchmark resumes where it stopped. Zero-shot runs once per
 dataset (0 shots). The drawn few-shot subsets go to DIR/subsets/, the table of mean ± std over
 seeds (and the average over datasets) to DIR/results.md, few-shot curves to DIR/curves/*.png.
-Backbone outputs are cached, so each image goes through the backbone once per view.
+Backbone outputs are cached and a dataset's subsets are extracted together (features/pool.py),
+so each image goes through the backbone once per view, however many subsets draw it.
 """
 
 from __future__ import annotations
@@ -107,6 +108,7 @@ def run(args: argparse.Namespace) -> int:
     from clipadapt.backbones import load_backbone
     from clipadapt.data import few_shot, load_dataset, save_subset
     from clipadapt.features import extract
+    from clipadapt.features.pool import SubsetPool
     from clipadapt.metrics import classification_metrics
     from clipadapt.report import write_report
     from clipadapt.results import is_finished, read_results, result_filename, write_result
@@ -165,8 +167,15 @@ def run(args: argparse.Namespace) -> int:
             feats = test_sets[key]
             return classification_metrics(method.logits(feats).cpu(), feats.labels)
 
+        # Every subset this dataset needs, drawn up front: their images are extracted once.
+        draws = {
+            (shots, seed): few_shot(splits, shots, seed)
+            for method_name, shots, seed in pending
+            if method_name != ZERO_SHOT
+        }
+        pool = SubsetPool(bb, splits, draws.values(), kw)
         bar = tqdm(pending, desc=f"bench {name}", unit="run")
-        subset, drawn = None, None
+        saved = set()
         for method_name, shots, seed in bar:
             bar.set_postfix_str(f"{method_name} {shots}-shot seed {seed}")
             method = build_method(
@@ -181,20 +190,21 @@ def run(args: argparse.Namespace) -> int:
             if method_name == ZERO_SHOT:
                 method.fit(None, weights.to(method.device))
             else:
-                if drawn != (shots, seed):
-                    subset, drawn = few_shot(splits, shots, seed), (shots, seed)
+                subset = draws[shots, seed]
+                if (shots, seed) not in saved:
                     save_subset(
                         subsets_dir / f"{name}__{shots}shot__seed{seed}.json", subset, shots, seed
                     )
+                    saved.add((shots, seed))
                 fit_on_subset(
                     method,
                     bb,
                     subset,
                     templates=templates,
                     views=args.views,
-                    seed=seed,
                     extract_kw=kw,
                     seconds=seconds,
+                    pool=pool,
                 )
                 extras = {"fitted": method.fitted, "views": method.meta["views"]}
             eval_start = time.perf_counter()

@@ -94,16 +94,22 @@ def fit_on_subset(
     *,
     templates: list[str],
     views: int | None,
-    seed: int,
     extract_kw: dict[str, Any],
     seconds: dict[str, float] | None = None,
+    pool=None,
 ):
     """Extract (cached) the subset's embeddings, fit ``method`` and fill its ``meta``.
 
     Returns the text weights [C, D] used. ``seconds``, if given, receives the wall-clock
-    seconds of the extraction (text and images, cached or not) and of the fit."""
+    seconds of the extraction (text and images, cached or not) and of the fit. ``pool``, a
+    features.pool.SubsetPool, serves the subset's rows from one extraction of many subsets."""
     from clipadapt.features import extract
     from clipadapt.zeroshot import text_weights
+
+    def features(part, options):
+        if pool is not None:
+            return pool.features(part, options)
+        return extract(bb, part, **options, **extract_kw)
 
     start = time.perf_counter()
     train, val = subset["train"], subset.get("val")
@@ -111,10 +117,10 @@ def fit_on_subset(
     options = method.extract_options(train=True)
     if views is not None:
         options["views"] = views
-    train_fs = extract(bb, train, seed=seed, **options, **extract_kw)
+    train_fs = features(train, options)
     val_fs = None
     if val is not None and len(val) > 0:
-        val_fs = extract(bb, val, **method.extract_options(train=False), **extract_kw)
+        val_fs = features(val, method.extract_options(train=False))
     fit_start = time.perf_counter()
     method.fit(train_fs, weights.to(method.device), val=val_fs)
     if seconds is not None:
@@ -155,7 +161,6 @@ def run(args: argparse.Namespace) -> int:
         subset,
         templates=templates,
         views=args.views,
-        seed=args.seed,
         extract_kw=extract_kwargs(args),
     )
     method.meta.update(shots=args.shots, seed=args.seed)

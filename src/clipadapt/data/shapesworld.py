@@ -31,6 +31,9 @@ COLOURS = {
 }
 COLOUR_NAMES = list(COLOURS)
 PATTERNS = ["solid", "striped", "dotted"]
+# Tones of a colour, for the fine-grained `tones` task: the pre-training captions never say
+# "light" or "dark", so zero-shot knows the colour but not the tone.
+TONES = ["plain", "light", "dark"]
 SIZES = ["small", "large"]
 ATTRIBUTES = {
     "lighting": ["daytime", "dusk", "night"],
@@ -65,6 +68,7 @@ class Obj:
     cy: float
     radius: float  # fraction of the image side
     angle: float  # degrees
+    tone: int = 0  # index into TONES
 
 
 @dataclass
@@ -90,8 +94,10 @@ def sample_scene(
     pattern: int | None = None,
     attrs: dict[str, int] | None = None,
     size_range: tuple[float, float] = (0.13, 0.34),
+    tone: int = 0,
 ) -> Scene:
-    """Draw a scene; fixed values (shape, colour, pattern, attrs) apply to the first object."""
+    """Draw a scene; fixed values (shape, colour, pattern, tone, attrs) apply to the first
+    object (the others are plain)."""
     n = int(rng.integers(n_objects[0], n_objects[1] + 1))
     objects: list[Obj] = []
     for i in range(n):
@@ -115,6 +121,7 @@ def sample_scene(
                 cy=float(cy),
                 radius=float(radius),
                 angle=float(rng.uniform(-25, 25)),
+                tone=0 if i else tone,
             )
         )
     attrs = attrs or {}
@@ -255,7 +262,7 @@ def render(scene: Scene, size: int = 64) -> tuple[np.ndarray, np.ndarray]:
     mask = np.zeros((size, size), np.uint8)
     for obj in scene.objects:
         m = _object_mask(obj, size)
-        colour = np.array(COLOURS[COLOUR_NAMES[obj.colour]], np.float32)
+        colour = object_rgb(obj)
         shade = 1.0 - 0.55 * _pattern(obj, size)
         fill = colour[None, None, :] * shade[..., None]
         img = img * (1 - m[..., None]) + fill * m[..., None]
@@ -264,6 +271,16 @@ def render(scene: Scene, size: int = 64) -> tuple[np.ndarray, np.ndarray]:
     img = _weather(img, ATTRIBUTES["weather"][scene.weather], rng)
     img = np.clip(img, 0, 255)
     return _quality(img, ATTRIBUTES["quality"][scene.quality], rng), mask
+
+
+def object_rgb(obj: Obj) -> np.ndarray:
+    """The object's fill colour: its colour, lightened or darkened by its tone."""
+    rgb = np.array(COLOURS[COLOUR_NAMES[obj.colour]], np.float32)
+    if TONES[obj.tone] == "light":
+        return 0.5 * rgb + 127.0
+    if TONES[obj.tone] == "dark":
+        return 0.5 * rgb
+    return rgb
 
 
 def _lighting(img: np.ndarray, name: str, rng: np.random.Generator) -> np.ndarray:

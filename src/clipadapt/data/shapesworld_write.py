@@ -34,6 +34,11 @@ CLASSIFICATION_TASKS = {
         lambda i: {"shape": i // len(sw.PATTERNS), "pattern": i % len(sw.PATTERNS)},
         "a photo of a {}.",
     ),
+    "tones": (
+        [f"{t} {c}" for c in sw.COLOUR_NAMES for t in sw.TONES[1:]],
+        lambda i: {"colour": i // 2, "tone": 1 + i % 2},
+        "a photo of a {} object.",
+    ),
     "conditions": (
         [
             f"{light} in {weather} weather"
@@ -67,9 +72,9 @@ def write_classification(
     size: int = 64,
     progress: bool = True,
 ) -> Path:
-    """A CoOp-style dataset for ``task`` (shapes, colours, patterns); returns its folder.
+    """A CoOp-style dataset for ``task`` (a CLASSIFICATION_TASKS key); returns its folder.
 
-    ``per_class`` = images per class in (train, val, test). For shapes, colours and patterns
+    ``per_class`` = images per class in (train, val, test). For shapes, colours, patterns and tones
     each image shows one object of the class (other properties and the scene attributes
     random); for conditions (lighting x weather) 1-3 random objects under those conditions.
     """

@@ -2,7 +2,9 @@
 
 One pass over the images decodes each file once and feeds every stream that is not cached yet:
 view 0 (the eval transform ``bb.preprocess``), augmented views 1..V (``bb.train_transform``,
-seeded per (view, image) so the result does not depend on batch size, workers or resumption),
+seeded per (view, image) by the image's path relative to the dataset root, so a view does not
+depend on batch size, workers, resumption or the other images in the list: a few-shot subset's
+views are rows of its parent split's),
 and optional patch tokens (fp16). DataLoader workers decode while the main process runs the
 model. Each stream is a cache entry (features/cache.py); only its missing shards are computed,
 in batches aligned to ``index // batch_size`` so that a resumed or sharded run encodes every
@@ -68,10 +70,21 @@ def load_rgb(path: str) -> Image.Image:
             raise ValueError(f"too large to decode safely: {e}") from None
 
 
-def view_seed(seed: int, view: int, index: int) -> int:
-    """The seed of augmented view ``view`` of image ``index`` (64 bits of sha256)."""
-    digest = hashlib.sha256(f"{seed}:{view}:{index}".encode()).digest()
+def view_seed(seed: int, view: int, key: str) -> int:
+    """The seed of augmented view ``view`` of the image ``key`` (64 bits of sha256)."""
+    digest = hashlib.sha256(f"{seed}:{view}:{key}".encode()).digest()
     return int.from_bytes(digest[:8], "little")
+
+
+def image_keys(dataset: ClassificationDataset) -> list[str]:
+    """Each image's view-seeding key: its path relative to the dataset root, with "/"."""
+    root = os.path.abspath(dataset.root) if dataset.root else ""
+    keys = []
+    for path in dataset.paths:
+        full = os.path.abspath(path)
+        inside = root and os.path.commonpath([root, full]) == root
+        keys.append((os.path.relpath(full, root) if inside else full).replace(os.sep, "/"))
+    return keys
 
 
 @contextmanager
@@ -95,8 +108,10 @@ def _seeded(seed: int) -> Iterator[None]:
 class _Images(Dataset):
     """Image ``i`` -> (i, [one tensor per input] or None, error or None)."""
 
-    def __init__(self, paths: list[str], inputs: list[tuple[Callable, int]], seed: int) -> None:
-        self.paths, self.inputs, self.seed = paths, inputs, seed
+    def __init__(
+        self, paths: list[str], keys: list[str], inputs: list[tuple[Callable, int]], seed: int
+    ) -> None:
+        self.paths, self.keys, self.inputs, self.seed = paths, keys, inputs, seed
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -111,7 +126,7 @@ class _Images(Dataset):
             if view == 0:
                 xs.append(transform(image))
             else:
-                with _seeded(view_seed(self.seed, view, i)):
+                with _seeded(view_seed(self.seed, view, self.keys[i])):
                     xs.append(transform(image))
         return i, xs, None
 
@@ -218,6 +233,7 @@ class _AlignedBatches:
 def _run(
     bb,
     paths: list[str],
+    keys: list[str],
     streams: list[_Stream],
     inputs: list,
     *,
@@ -235,7 +251,7 @@ def _run(
     batch_bytes = len(inputs) * batch_size * 3 * bb.image_size**2 * 4
     prefetch = max(1, min(4, PREFETCH_BYTES // max(1, num_workers * batch_bytes)))
     loader = DataLoader(
-        _Images(paths, inputs, seed),
+        _Images(paths, keys, inputs, seed),
         batch_sampler=batches,
         num_workers=num_workers,
         collate_fn=_collate,
@@ -319,7 +335,7 @@ def extract(
 
     Returns a FeatureSet: features [N, D] float32 unnormalised (eval transform), views
     [V, N, D] (V = ``views`` augmented passes with ``bb.train_transform(augment)``; view v of
-    image i is seeded by ``view_seed(seed, v, i)``), tokens [N, P, W] fp16 when
+    image i is seeded by ``view_seed(seed, v, image_keys(dataset)[i])``), tokens [N, P, W] fp16 when
     ``tokens_layer`` is set (``bb.patch_tokens(x, tokens_layer)``), and view_tokens
     [V, N, P, W] fp16 of the augmented views too when ``view_tokens``. N excludes unreadable
     images, which raise ClipAdaptError unless ``skip_bad`` (then they are left out and listed
@@ -397,6 +413,7 @@ def extract(
                 "view": v,
                 "augment": augment,
                 "seed": seed,
+                "seeded_by": "image-path",  # was the index in the list: not the same views
                 "transform": stable_repr(train_tf),
             }
             inputs.append((train_tf, v))
@@ -454,6 +471,7 @@ def extract(
             _run(
                 bb,
                 paths,
+                image_keys(dataset),
                 todo,
                 [inputs[k] for k in used],
                 seed=seed,

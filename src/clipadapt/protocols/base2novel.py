@@ -311,7 +311,6 @@ def evaluate_base2novel(
                 subset,
                 templates=templates,
                 views=views,
-                seed=seed,
                 extract_kw=extract_kw,
             )
             extras = {"fitted": method.fitted, "views": method.meta["views"]}

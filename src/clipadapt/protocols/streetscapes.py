@@ -7,7 +7,8 @@ val) and scored on test: accuracy, macro-F1, weighted-F1 and adjusted balanced a
 scored per task beside the per-task adapters. The table carries the published MaxViT-T test
 accuracies (trained per attribute) as a reference column.
 
-The backbone runs once per image: the images of all tasks' train CSVs form one pool (eval view,
+The backbone runs once per image, whatever the seeds (a view is seeded by its image; the seed
+splits train/val and seeds training): the images of all tasks' train CSVs form one pool (eval view,
 V augmented views, and the patch tokens of each view when an mh-adapter is requested), those of
 the test CSVs another (eval view and its tokens); every task's sets are rows of these pools.
 Cached per view as fp16 safetensors shards (benchmarks/mh_tokens.py: reading cached tokens is
@@ -31,6 +32,7 @@ from clipadapt.data.dataset import ClassificationDataset, Item
 from clipadapt.data.streetscapes import StreetTask, find_tasks, manual_labels_root, read_task
 from clipadapt.errors import ClipAdaptError
 from clipadapt.features.featureset import FeatureSet
+from clipadapt.features.pool import rows_for, select
 from clipadapt.methods import get, get_class
 from clipadapt.methods.mh_adapter import MHAdapter, MHAdapterConfig, MultiTaskMHAdapter
 from clipadapt.metrics import balanced_accuracy, confusion_matrix, macro_f1, weighted_f1
@@ -78,26 +80,10 @@ def image_pool(
     return ClassificationDataset(name, root, [Item(p, 0, "image") for p in paths], ["image"], split)
 
 
-def _rows(pool: FeatureSet, ds: ClassificationDataset) -> tuple[list[int], list[int]]:
-    """(pool rows, item positions) of ``ds``'s images that the pool holds (not unreadable)."""
-    row_of = {p: i for i, p in enumerate(pool.paths)}
-    pos = [i for i, p in enumerate(ds.paths) if p in row_of]
-    return [row_of[ds.paths[i]] for i in pos], pos
-
-
-def task_features(pool: FeatureSet, ds: ClassificationDataset, views: bool) -> FeatureSet:
-    """The rows of ``pool`` for ``ds``'s images, with ``ds``'s labels and class names."""
-    rows, pos = _rows(pool, ds)
-    if not views:
-        pool = dataclasses.replace(pool, views=None, view_tokens=None)
-    labels = torch.tensor([ds.items[i].label for i in pos], dtype=torch.long)
-    return dataclasses.replace(pool.subset(rows), labels=labels, classnames=list(ds.classnames))
-
-
-def multitask_features(pool: FeatureSet, sets: list[ClassificationDataset], views: bool):
+def multiselect(pool: FeatureSet, sets: list[ClassificationDataset], views: bool):
     """Rows of ``pool`` for the union of ``sets`` (one per task); labels [N, T], -1 where an
     image is not in that task's set."""
-    per_task = [_rows(pool, ds) for ds in sets]
+    per_task = [rows_for(pool, ds) for ds in sets]
     rows = sorted({r for task_rows, _ in per_task for r in task_rows})
     index = {r: i for i, r in enumerate(rows)}
     labels = torch.full((len(rows), len(sets)), -1, dtype=torch.long)
@@ -190,8 +176,9 @@ class _Run:
     def path(self, task: str, method: str, seed: int) -> Path:
         return self.runs_dir / run_filename(self.dataset, task, self.model, method, seed)
 
-    def features(self, street: dict[str, StreetTask], seed: int) -> tuple[FeatureSet, FeatureSet]:
-        """(train pool with views, test pool): every task's images through the backbone once."""
+    def features(self, street: dict[str, StreetTask]) -> tuple[FeatureSet, FeatureSet]:
+        """(train pool with views, test pool): every task's images through the backbone once
+        (for every seed: views are seeded by the image, the seed only splits train/val)."""
         from clipadapt.features import extract
 
         tokens = any(m in TOKEN_METHODS for m in self.methods)
@@ -205,7 +192,6 @@ class _Run:
                 self.bb,
                 image_pool(f"{name}-train", root, "train", train),
                 views=self.views,
-                seed=seed,
                 tokens_layer=layer,
                 view_tokens=tokens,
                 **self.extract_kw,
@@ -238,12 +224,12 @@ class _Run:
             t: read_task(self.root, t, val_fraction=self.val_fraction, seed=seed)
             for t in self.tasks
         }
-        train_pool, test_pool = self.features(street, seed)
+        train_pool, test_pool = self.features(street)
         sets = {
             t: {
-                "train": task_features(train_pool, s.splits["train"], views=True),
-                "val": task_features(train_pool, s.splits["val"], views=False),
-                "test": task_features(test_pool, s.splits["test"], views=False),
+                "train": select(train_pool, s.splits["train"], views=True),
+                "val": select(train_pool, s.splits["val"], views=False),
+                "test": select(test_pool, s.splits["test"], views=False),
             }
             for t, s in street.items()
         }
@@ -306,9 +292,9 @@ class _Run:
             )
             splits = {k: [street[t].splits[k] for t in self.tasks] for k in ("train", "val")}
             mt.fit(
-                multitask_features(train_pool, splits["train"], views=True),
+                multiselect(train_pool, splits["train"], views=True),
                 [weights[t].to(mt.device) for t in self.tasks],
-                val=multitask_features(train_pool, splits["val"], views=False),
+                val=multiselect(train_pool, splits["val"], views=False),
             )
             for i, task in enumerate(self.tasks):
                 test = sets[task]["test"]
