@@ -59,7 +59,10 @@ def main() -> None:
         t_pooled = time.perf_counter() - t0
     per_train = 1 + args.views  # the eval transform and the views
     n_separate = sum(len(d["train"]) * per_train + len(d["val"]) for d in draws)
-    n_pooled = len(pool.union["train"]) * per_train + len(pool.union.get("val", []))
+    n_pooled = sum(
+        len(index) * (per_train if split == "train" else 1)
+        for (_, split), index in pool.union.items()
+    )
 
     for (a_train, a_val), (b_train, b_val) in zip(separate, pooled, strict=True):
         torch.testing.assert_close(a_train.views, b_train.views, rtol=1e-4, atol=1e-4)

@@ -230,16 +230,21 @@ def test_subset_pool_extracts_the_union_once_and_serves_each_subset(tiny_vit_bac
     splits = {"train": images}
     draws = [few_shot(splits, shots, seed) for shots, seed in ((1, 1), (2, 1), (2, 2))]
     counting = Counting(tiny_vit_backbone)
-    pool = SubsetPool(counting, splits, draws, {"num_workers": 0, "progress": False})
-    union = sorted({i for d in draws for part in d.values() for i in part.indices})
+    common = {"num_workers": 0, "progress": False}
+    pool = SubsetPool(counting, splits, draws, common)
+    views = {"train": 2, "val": 0}  # the validation images are drawn from "train" here
     for draw in draws:
-        for part in draw.values():
-            got = pool.features(part, {"views": 2})
-            want = extract(tiny_vit_backbone, part, views=2, num_workers=0, progress=False)
+        for role, part in draw.items():
+            got = pool.features(part, {"views": views[role]})
+            want = extract(tiny_vit_backbone, part, views=views[role], **common)
             torch.testing.assert_close(got.features, want.features)
-            torch.testing.assert_close(got.views, want.views)
+            if views[role]:
+                torch.testing.assert_close(got.views, want.views)
             assert got.labels.tolist() == part.labels and got.paths == part.paths
-    assert counting.images == 3 * len(union) < 3 * sum(len(p) for d in draws for p in d.values())
+    union = {r: {i for d in draws for i in d[r].indices} for r in views}
+    # each image once per role, with views only in the training role
+    assert counting.images == 3 * len(union["train"]) + len(union["val"])
+    assert counting.images < sum(3 * len(d["train"]) + len(d["val"]) for d in draws)
 
 
 def test_patch_tokens_are_cached_in_fp16(tiny_vit_backbone, images, tmp_path):

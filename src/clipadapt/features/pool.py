@@ -39,10 +39,12 @@ def select(pool: FeatureSet, ds: ClassificationDataset, views: bool = True) -> F
 
 class SubsetPool:
     """``features(part, options)`` = ``extract(bb, part, **options, **extract_kw)``, from one
-    extraction of every image of ``draws`` per (parent split, options).
+    extraction per (role, options) of every image the drawn subsets use in that role.
 
     splits: the reader's {"train", "val", ...}, the parents of the drawn subsets.
-    draws: the drawn subsets ({"train": ..., "val": ...} as ``few_shot`` returns them).
+    draws: the drawn subsets ({"train": ..., "val": ...} as ``few_shot`` returns them). A role
+        is (parent split, subset split): the validation images drawn from "train" when a
+        dataset has no validation split form their own union, not extracted with views.
     """
 
     def __init__(
@@ -53,26 +55,30 @@ class SubsetPool:
         extract_kw: dict[str, Any],
     ) -> None:
         self.bb, self.splits, self.extract_kw = bb, splits, extract_kw
-        union: dict[str, set[int]] = {}
+        union: dict[tuple[str, str], set[int]] = {}
         for draw in draws:
             for part in draw.values():
                 if part.parent_split in splits and part.indices is not None:
-                    union.setdefault(part.parent_split, set()).update(part.indices)
-        self.union = {name: sorted(index) for name, index in union.items()}
-        self._extracted: dict[tuple[str, str], FeatureSet] = {}
+                    union.setdefault(_role(part), set()).update(part.indices)
+        self.union = {role: sorted(index) for role, index in union.items()}
+        self._extracted: dict[tuple, FeatureSet] = {}
 
     def features(self, part: ClassificationDataset, options: dict[str, Any]) -> FeatureSet:
         from clipadapt.features.extract import extract
 
-        parent = part.parent_split
+        role = _role(part)
         if (
             part.indices is None
-            or parent not in self.union
-            or not set(part.indices) <= set(self.union[parent])
+            or role not in self.union
+            or not set(part.indices) <= set(self.union[role])
         ):
             return extract(self.bb, part, **options, **self.extract_kw)
-        key = (parent, repr(sorted(options.items())))
+        key = (*role, repr(sorted(options.items())))
         if key not in self._extracted:
-            pooled = self.splits[parent].subset(self.union[parent], split=parent)
+            pooled = self.splits[part.parent_split].subset(self.union[role], split=part.split)
             self._extracted[key] = extract(self.bb, pooled, **options, **self.extract_kw)
         return select(self._extracted[key], part)
+
+
+def _role(part: ClassificationDataset) -> tuple[str, str]:
+    return (part.parent_split or "", part.split)
