@@ -60,11 +60,6 @@ def test_scene_attributes_clearly_above_chance(tiny, attribute):
     assert acc >= 1.0 / classes + 0.15, (attribute, acc)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known gap: the shipped checkpoint reads shape at about 0.6 zero-shot (target 0.75); "
-    "see README 'Known gaps' and docs/tiny-shapes.md",
-)
 def test_shape_floor(tiny):
     acc, _ = _task(tiny, "shape")
     assert acc >= 0.75, acc
