@@ -36,7 +36,7 @@ CLASSIFICATION_TASKS = {
     ),
     "tones": (
         [f"{t} {c}" for c in sw.COLOUR_NAMES for t in sw.TONES[1:]],
-        lambda i: {"colour": i // 2, "tone": 1 + i % 2},
+        lambda i: {"colour": i // (len(sw.TONES) - 1), "tone": 1 + i % (len(sw.TONES) - 1)},
         "a photo of a {} object.",
     ),
     "conditions": (
