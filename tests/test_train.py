@@ -95,6 +95,21 @@ def test_keeps_the_best_state_by_validation_score_and_stops_early():
     assert torch.equal(model.weight, snapshots[1])
 
 
+def test_score_initial_keeps_the_untrained_module_unless_an_epoch_beats_it():
+    scores = iter([0.7, 0.6, 0.7, 0.5])  # epoch 0 (before training), then epochs 1-3
+    model = linear()
+    initial = model.weight.detach().clone()
+    config = TrainConfig(epochs=3, batch_size=8, optimizer="adam", lr=0.05)
+    result = train(model, toy(), config, evaluate=lambda m: next(scores), score_initial=True)
+    assert (result.best_epoch, result.best_score) == (0, 0.7)  # a tie keeps the earlier
+    assert torch.equal(model.weight, initial)
+    assert [h["epoch"] for h in result.history] == [0, 1, 2, 3]
+
+    scores = iter([0.5, 0.6, 0.4, 0.4])
+    result = train(linear(), toy(), config, evaluate=lambda m: next(scores), score_initial=True)
+    assert result.best_epoch == 1
+
+
 def test_default_evaluation_is_validation_accuracy():
     data, val = toy(seed=0), toy(seed=1, views=0)
     model = linear()

@@ -5,7 +5,8 @@ were extracted once (``FeatureSet.views`` [V, N, D]), falling back to the eval-t
 features when there are none. Learning rate: linear warm-up then cosine to zero, per iteration.
 After every epoch ``evaluate`` scores the module (validation accuracy by default); the best
 state is kept and restored at the end, and training stops early after ``patience`` epochs
-without improvement.
+without improvement. With ``score_initial`` the untrained module is a candidate too (epoch 0),
+for methods whose initial state is already a model (Tip-Adapter-F starts as Tip-Adapter).
 """
 
 from __future__ import annotations
@@ -75,7 +76,7 @@ class Batch:
 
 @dataclass
 class TrainResult:
-    best_epoch: int  # 1-based; the last epoch when there is no validation
+    best_epoch: int  # 1-based (0: the initial state); the last epoch when there is no validation
     best_score: float | None
     history: list[dict] = field(default_factory=list)
 
@@ -190,11 +191,14 @@ def train(
     loss_fn: Callable[[Tensor, Tensor], Tensor] = F.cross_entropy,
     evaluate: Callable[[nn.Module], float] | None = None,
     params: list[nn.Parameter] | None = None,
+    score_initial: bool = False,
 ) -> TrainResult:
     """Train ``module`` in place and leave it in its best state (by ``evaluate``, higher is
     better; default: accuracy of ``forward`` on ``val``). Returns the epoch and score chosen.
 
     forward(module, batch) -> logits [B, C]; loss_fn(logits, labels) -> scalar.
+    score_initial: score the module before training too; if no epoch beats it, it is kept
+    unchanged (best_epoch 0).
     Deterministic for a given ``config.seed`` (no global RNG is touched outside this call).
     """
     device = torch.device(config.device)
@@ -226,6 +230,10 @@ def train(
         disable=(not config.progress) if config.progress is not None else None,
         leave=False,
     )
+    if score_initial and evaluate is not None:
+        result.best_score, result.best_epoch = float(evaluate(module)), 0
+        best_state = copy.deepcopy(module.state_dict())
+        result.history.append({"epoch": 0, "val": result.best_score})
     rng_devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=rng_devices):
         torch.manual_seed(config.seed)  # dropout and the like, without leaking global state

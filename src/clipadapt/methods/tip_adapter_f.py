@@ -86,7 +86,7 @@ class TipAdapterF(TipAdapter):
         config = training.TrainConfig.from_config(
             c, epochs=c.resolved_epochs(), device=self.device, desc=self.name
         )
-        result = training.train(head.to(self.device), train, config, val=val)
+        result = training.train(head.to(self.device), train, config, val=val, score_initial=True)
         self.keys = head.keys.detach()
         self.values = head.values
         self.fitted = {"epoch": result.best_epoch, "epoch_val_accuracy": result.best_score}
