@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import hashlib
 import json
 
@@ -131,3 +132,23 @@ def test_tones_task_labels_match_the_drawn_objects():
         tone, colour = name.split()
         c = constraint(label)
         assert sw.TONES[c["tone"]] == tone and sw.COLOUR_NAMES[c["colour"]] == colour
+
+
+def test_exposure_scales_the_rendered_scene_and_streets_vary_it(tmp_path):
+    scene = sw.sample_scene(np.random.default_rng(3), attrs={"quality": 0})  # sharp: no noise
+    plain, mask = sw.render(scene)
+    assert np.array_equal(plain, sw.render(dataclasses.replace(scene, exposure=1.0))[0])
+    dark, dark_mask = sw.render(dataclasses.replace(scene, exposure=0.5))
+    assert np.array_equal(mask, dark_mask)
+    assert np.abs(dark.astype(float) - 0.5 * plain.astype(float)).max() <= 1.0  # uint8 rounding
+
+    base = sww.write_streets(tmp_path, n_train=30, n_test=0, seed=1, progress=False)
+    again = sww.write_streets(
+        tmp_path / "fixed", n_train=30, n_test=0, seed=1, exposure=(1, 1), progress=False
+    )
+    means = [
+        [np.asarray(Image.open(b / "img" / f"train-{i:05d}.jpg"), float).mean() for i in range(30)]
+        for b in (base, again)
+    ]
+    ratio = np.array(means[0]) / np.array(means[1])
+    assert ratio.min() < 0.85 and ratio.max() > 1.1  # the camera gain differs per image

@@ -81,6 +81,7 @@ class Scene:
     texture: int
     seed: int
     extra: dict = field(default_factory=dict)
+    exposure: float = 1.0  # camera gain on the rendered scene (1: as lit)
 
 
 # ---------------------------------------------------------------------------------- sampling
@@ -269,6 +270,8 @@ def render(scene: Scene, size: int = 64) -> tuple[np.ndarray, np.ndarray]:
         mask[m >= 0.5] = obj.shape + 1
     img = _lighting(img, ATTRIBUTES["lighting"][scene.lighting], rng)
     img = _weather(img, ATTRIBUTES["weather"][scene.weather], rng)
+    if scene.exposure != 1.0:
+        img = img * np.float32(scene.exposure)
     img = np.clip(img, 0, 255)
     return _quality(img, ATTRIBUTES["quality"][scene.quality], rng), mask
 

@@ -111,9 +111,15 @@ def write_streets(
     n_test: int = 300,
     seed: int = 0,
     size: int = 64,
+    exposure: tuple[float, float] = (0.6, 1.4),
     progress: bool = True,
 ) -> Path:
-    """A Global StreetScapes-style manual-label set for the scene attributes; returns its root."""
+    """A Global StreetScapes-style manual-label set for the scene attributes; returns its root.
+
+    Street-view photos come from many cameras: each image gets a camera gain drawn uniformly
+    from ``exposure`` (pre-training never varies it), so that no attribute can be read off
+    the mean brightness alone (with a fixed gain, zero-shot is 100% on lighting).
+    """
     base = Path(root) / "shapesworld-streets" / "manual_labels"
     if (base / "tasks.json").exists():
         return base
@@ -123,6 +129,7 @@ def write_streets(
     for split, count in (("train", n_train), ("test", n_test)):
         for i in range(count):
             scene = sw.sample_scene(rng)
+            scene.exposure = float(rng.uniform(*exposure))
             uuid = f"{split}-{i:05d}"
             _save_jpeg(base / "img" / f"{uuid}.jpg", sw.render(scene, size)[0])
             row = {"uuid": uuid, "img_path": f"img/{uuid}.jpg", "source": "shapesworld"}
