@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+from clipadapt.backbones.dense import ATTENTIONS, _last_block
 from clipadapt.data import shapesworld as sw
 from clipadapt.data import shapesworld_text as st
 
@@ -202,6 +203,15 @@ class Batches(torch.utils.data.IterableDataset):
                 torch.from_numpy(cap_f),
             )
             step += 1
+
+
+def patch_embedding(model, last_input: torch.Tensor, attention: str) -> torch.Tensor:
+    """The mean over patches of the dense features of ``attention`` (the last block rewritten as
+    `clipadapt.backbones.dense` does, ln_post, projection): an image embedding [B,D] that the
+    contrastive loss can align with the captions, so that the patch tokens carry the text."""
+    visual = model.visual
+    tokens = _last_block(visual.transformer.resblocks[-1], last_input, attention, visual.grid_size)
+    return (visual.ln_post(tokens[:, 1:]) @ visual.proj).mean(1)
 
 
 def to_input(images: torch.Tensor) -> torch.Tensor:
@@ -396,6 +406,23 @@ def main() -> None:
         default=0.0,
         help="weight of the image embedding's regression onto the teacher's pooled vector",
     )
+    ap.add_argument(
+        "--init",
+        default=None,
+        help="start from DIR's model (and teacher) weights, step 0, a fresh optimiser",
+    )
+    ap.add_argument(
+        "--patch-weight",
+        type=float,
+        default=0.0,
+        help="weight of the contrastive loss on the mean of the projected patch features",
+    )
+    ap.add_argument(
+        "--patch-attention",
+        choices=ATTENTIONS,
+        default="vanilla",
+        help="which dense-feature variant the patch loss reads (clipadapt.backbones.dense)",
+    )
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -428,6 +455,13 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     start = 0
+    if args.init and not (args.resume and (out / "last.safetensors").exists()):
+        init = Path(args.init)
+        model.load_state_dict(load_file(init / "last.safetensors"))
+        if distiller is not None and (init / "last-teacher.safetensors").exists():
+            distiller.load_state_dict(load_file(init / "last-teacher.safetensors"))
+            if not (out / "teacher.safetensors").exists():
+                save_file(distiller.teacher.state_dict(), out / "teacher.safetensors")
     if args.resume and (out / "last.safetensors").exists():
         model.load_state_dict(load_file(out / "last.safetensors"))
         if distiller is not None:
@@ -464,6 +498,11 @@ def main() -> None:
         train_teacher(distiller.teacher, args, size, out, sets)
         distiller.teacher.requires_grad_(False).eval()
     log = open(out / "log.jsonl", "a")
+    last_input: list[torch.Tensor] = []
+    if args.patch_weight:
+        model.visual.transformer.resblocks[-1].register_forward_pre_hook(
+            lambda _m, inputs: last_input.__setitem__(slice(None), [inputs[0]])
+        )
     model.train()
     t0 = time.time()
     for step, (images, tokens, img_f, cap_f) in enumerate(loader, start=start):
@@ -481,6 +520,8 @@ def main() -> None:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
             img = model.encode_image(x)
             txt = model.encode_text(tokens)
+            if args.patch_weight:
+                patch_img = patch_embedding(model, last_input[0], args.patch_attention)
             if args.teacher == "captions":
                 fmap, pooled = distiller.teacher.features(x)
                 t_img = distiller.teacher.top[-1](pooled)
@@ -491,6 +532,10 @@ def main() -> None:
         img, txt = F.normalize(img.float(), dim=-1), F.normalize(txt.float(), dim=-1)
         scale = model.logit_scale.exp()
         loss = contrastive_loss(img, txt, scale, img_f, cap_f)
+        if args.patch_weight:
+            patch_img = F.normalize(patch_img.float(), dim=-1)
+            patch_loss = contrastive_loss(patch_img, txt, scale, img_f, cap_f)
+            loss = loss + args.patch_weight * patch_loss
         if args.teacher == "captions":
             t_img = F.normalize(t_img.float(), dim=-1)
             loss = loss + contrastive_loss(t_img, txt, scale, img_f, cap_f)
@@ -509,6 +554,8 @@ def main() -> None:
             dense = f"dense {d_loss.item():.3f} " if distiller else ""
             if distiller and args.pooled_weight:
                 dense += f"pooled {p_loss.item():.3f} "
+            if args.patch_weight:
+                dense += f"patch {patch_loss.item():.3f} "
             print(
                 f"step {step + 1} loss {loss.item():.4f} {dense}"
                 f"scale {model.logit_scale.exp().item():.1f} "
