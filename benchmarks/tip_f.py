@@ -79,7 +79,8 @@ def fit_reencoding(bb, train_ds, keys, values, text, val_fs, method, seed):
     images = [load_rgb(p) for p in train_ds.paths]  # decoded once: only the backbone is timed
     labels = torch.tensor(train_ds.labels)
     g = torch.Generator().manual_seed(seed)
-    best_acc, best_state = -1.0, None
+    # as the library's fit: the untrained keys (epoch 0) are a candidate too
+    best_acc, best_state = accuracy_on(head, val_fs), copy.deepcopy(head.state_dict())
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)  # torchvision's augmentations draw from the global generator
         for _ in tqdm(range(tc.epochs), desc="re-encoding epochs", leave=False):
