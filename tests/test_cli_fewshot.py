@@ -181,6 +181,30 @@ def test_clip_adapter_fit_and_eval(world, tmp_path):
     assert cli.main(argv) == 0
 
 
+def test_fit_threads_apply_to_the_fit_only_and_keep_the_result(world, tmp_path, monkeypatch):
+    from clipadapt import train
+    from clipadapt.methods.clip_adapter import ClipAdapter
+
+    seen = []
+    fit = ClipAdapter.fit
+
+    def spy(self, *args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return fit(self, *args, **kwargs)
+
+    monkeypatch.setattr(ClipAdapter, "fit", spy)
+    monkeypatch.setattr(train, "_fit_threads", None)
+    before = torch.get_num_threads()
+    assert _fit(world, tmp_path / "a", "clip-adapter", "--hparam", "epochs=2") == 0
+    assert (
+        _fit(world, tmp_path / "b", "clip-adapter", "--hparam", "epochs=2", "--fit-threads", "1")
+        == 0
+    )
+    assert seen == [before, 1] and torch.get_num_threads() == before
+    a, b = (load_adapter(tmp_path / d) for d in "ab")
+    assert all(torch.equal(a.head.state_dict()[k], v) for k, v in b.head.state_dict().items())
+
+
 def test_bench_runs_resumes_and_reports(world, tmp_path, capsys):
     out = tmp_path / "bench"
     argv = [

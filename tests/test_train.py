@@ -110,6 +110,21 @@ def test_score_initial_keeps_the_untrained_module_unless_an_epoch_beats_it():
     assert result.best_epoch == 1
 
 
+def test_fit_threads_set_and_restore_torch_threads(monkeypatch):
+    import clipadapt.train as training
+
+    monkeypatch.setattr(training, "_fit_threads", None)
+    before = torch.get_num_threads()
+    with training.fit_threads():
+        assert torch.get_num_threads() == before  # none chosen: unchanged
+    training.set_fit_threads(1)
+    with training.fit_threads():
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == before
+    with pytest.raises(ClipAdaptError, match="--fit-threads 0"):
+        training.set_fit_threads(0)
+
+
 def test_default_evaluation_is_validation_accuracy():
     data, val = toy(seed=0), toy(seed=1, views=0)
     model = linear()

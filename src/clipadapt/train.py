@@ -11,6 +11,7 @@ for methods whose initial state is already a model (Tip-Adapter-F starts as Tip-
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 from collections.abc import Callable, Iterator
@@ -61,6 +62,35 @@ class TrainConfig:
                 raise ClipAdaptError(f"{key}={getattr(self, key)}: expected a positive integer")
         if self.lr <= 0:
             raise ClipAdaptError(f"lr={self.lr}: expected a positive learning rate")
+
+
+_fit_threads: int | None = None
+
+
+def set_fit_threads(n: int | None) -> None:
+    """torch's intra-op CPU threads while a method fits (``fit_threads``), process-wide;
+    None: torch's own. Set by `--fit-threads`. The heads train on cached tensors of a few
+    hundred numbers per sample: on a small machine one thread fits as fast as two, at half
+    the CPU time."""
+    global _fit_threads
+    if n is not None and n < 1:
+        raise ClipAdaptError(f"--fit-threads {n}: expected a positive number of threads")
+    _fit_threads = n
+
+
+@contextlib.contextmanager
+def fit_threads():
+    """Inside: torch uses the threads ``set_fit_threads`` chose (unchanged if none); restored
+    after."""
+    if _fit_threads is None:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(_fit_threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 @dataclass

@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from clipadapt.commands.fit import (
     add_backbone_options,
+    add_fit_threads_option,
     build_method,
     extract_kwargs,
     fit_on_subset,
@@ -78,6 +79,7 @@ def add_parser(subparsers) -> None:
         choices=["ceil", "floor"],
         help="base2novel: base = the first ceil(C/2) (default) or floor(C/2) labels",
     )
+    add_fit_threads_option(p)
     add_backbone_options(p)
     p.set_defaults(run=run)
 
@@ -113,8 +115,10 @@ def run(args: argparse.Namespace) -> int:
     from clipadapt.report import write_report
     from clipadapt.results import is_finished, read_results, result_filename, write_result
     from clipadapt.templates import get_templates, require_templates
+    from clipadapt.train import set_fit_threads
     from clipadapt.zeroshot import text_weights
 
+    set_fit_threads(args.fit_threads)
     if args.protocol == "streetscapes":
         from clipadapt.protocols.streetscapes import run_bench
 

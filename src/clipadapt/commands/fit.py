@@ -49,6 +49,18 @@ def add_method_options(p: argparse.ArgumentParser) -> None:
         help="augmented views per training image (default: the method's, 10 for the adapters)",
     )
     p.add_argument("--templates", default=None, help="template set or a template with {}")
+    add_fit_threads_option(p)
+
+
+def add_fit_threads_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--fit-threads",
+        type=int,
+        default=None,
+        metavar="N",
+        help="CPU threads while a method fits (default: torch's; 1 saves CPU time on small "
+        "heads); extraction keeps torch's",
+    )
 
 
 def add_parser(subparsers) -> None:
@@ -103,6 +115,7 @@ def fit_on_subset(
     Returns the text weights [C, D] used. ``seconds``, if given, receives the wall-clock
     seconds of the extraction (text and images, cached or not) and of the fit. ``pool``, a
     features.pool.SubsetPool, serves the subset's rows from one extraction of many subsets."""
+    from clipadapt import train as training
     from clipadapt.features import extract
     from clipadapt.zeroshot import text_weights
 
@@ -122,7 +135,8 @@ def fit_on_subset(
     if val is not None and len(val) > 0:
         val_fs = features(val, method.extract_options(train=False))
     fit_start = time.perf_counter()
-    method.fit(train_fs, weights.to(method.device), val=val_fs)
+    with training.fit_threads():
+        method.fit(train_fs, weights.to(method.device), val=val_fs)
     if seconds is not None:
         seconds.update(extract=fit_start - start, fit=time.perf_counter() - fit_start)
     method.meta = {
@@ -142,9 +156,11 @@ def run(args: argparse.Namespace) -> int:
     from clipadapt.backbones import load_backbone
     from clipadapt.data import few_shot, load_dataset, save_subset
     from clipadapt.templates import get_templates, require_templates
+    from clipadapt.train import set_fit_threads
 
     if args.views is not None and args.views < 0:
         raise ClipAdaptError(f"--views {args.views}: expected 0 or more")
+    set_fit_threads(args.fit_threads)
     splits = load_dataset(args.data)
     name = splits["train"].name
     subset = few_shot(splits, args.shots, args.seed)

@@ -37,6 +37,7 @@ from clipadapt.methods import get, get_class
 from clipadapt.methods.mh_adapter import MHAdapter, MHAdapterConfig, MultiTaskMHAdapter
 from clipadapt.metrics import balanced_accuracy, confusion_matrix, macro_f1, weighted_f1
 from clipadapt.results import make_result, read_result, write_result
+from clipadapt.train import fit_threads
 
 MULTI_TASK = "mh-adapter-mt"
 DEFAULT_METHODS = ("zero-shot", "linear-probe", "clip-adapter", "mh-adapter", MULTI_TASK)
@@ -275,11 +276,12 @@ class _Run:
                 device=self.device,
             )
             data = sets[task]
-            m.fit(
-                None if method == "zero-shot" else data["train"],
-                weights[task].to(m.device),
-                val=data["val"],
-            )
+            with fit_threads():
+                m.fit(
+                    None if method == "zero-shot" else data["train"],
+                    weights[task].to(m.device),
+                    val=data["val"],
+                )
             metrics = street_metrics(m.logits(data["test"]).cpu(), data["test"].labels)
             save(task, method, metrics, m.fitted, m.config)
         if any((t, MULTI_TASK) not in done for t, m in runs if m == MULTI_TASK):
@@ -291,11 +293,12 @@ class _Run:
                 device=self.device,
             )
             splits = {k: [street[t].splits[k] for t in self.tasks] for k in ("train", "val")}
-            mt.fit(
-                multiselect(train_pool, splits["train"], views=True),
-                [weights[t].to(mt.device) for t in self.tasks],
-                val=multiselect(train_pool, splits["val"], views=False),
-            )
+            with fit_threads():
+                mt.fit(
+                    multiselect(train_pool, splits["train"], views=True),
+                    [weights[t].to(mt.device) for t in self.tasks],
+                    val=multiselect(train_pool, splits["val"], views=False),
+                )
             for i, task in enumerate(self.tasks):
                 test = sets[task]["test"]
                 metrics = street_metrics(mt.logits(test)[i].cpu(), test.labels)
