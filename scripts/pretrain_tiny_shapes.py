@@ -166,7 +166,16 @@ class Batches(torch.utils.data.IterableDataset):
     """Endless batches: images uint8 [B,H,W,3], tokens [B,L], image facts, caption facts."""
 
     def __init__(
-        self, seed, batch, size, tokenizer, start=0, easy_steps=0, easy_share=0.0, spread=(0, 0)
+        self,
+        seed,
+        batch,
+        size,
+        tokenizer,
+        start=0,
+        easy_steps=0,
+        easy_share=0.0,
+        spread=(0, 0),
+        background=0.0,
     ):
         self.seed, self.batch, self.size, self.tokenizer, self.start = (
             seed,
@@ -177,6 +186,7 @@ class Batches(torch.utils.data.IterableDataset):
         )
         self.easy_steps, self.easy_share = easy_steps, easy_share
         self.spread = spread  # (centre steps, spread steps) of the position curriculum
+        self.background = background  # share of captions that name the background texture
 
     def __iter__(self):
         step = self.start
@@ -191,7 +201,9 @@ class Batches(torch.utils.data.IterableDataset):
                 )
             ]
             images = np.stack([sw.render(s, self.size)[0] for s in scenes])
-            caps, cap_facts = zip(*(st.caption(s, rng) for s in scenes), strict=True)
+            caps, cap_facts = zip(
+                *(st.caption(s, rng, self.background) for s in scenes), strict=True
+            )
             img_f = np.stack([st.image_facts(s) for s in scenes])
             cap_f = np.zeros_like(img_f)
             for i, fs in enumerate(cap_facts):
@@ -423,6 +435,12 @@ def main() -> None:
         default="vanilla",
         help="which dense-feature variant the patch loss reads (clipadapt.backbones.dense)",
     )
+    ap.add_argument(
+        "--background-captions",
+        type=float,
+        default=0.0,
+        help="share of captions that also name the background texture (on a grid background)",
+    )
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -488,6 +506,7 @@ def main() -> None:
             args.easy_steps,
             args.easy_share,
             (args.centre_steps, args.spread_steps),
+            args.background_captions,
         ),
         batch_size=None,
         num_workers=1,

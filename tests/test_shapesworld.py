@@ -61,6 +61,25 @@ def test_captions_assert_only_true_facts():
         assert st.image_facts(scene)[facts].all(), text
 
 
+def test_background_captions_name_the_texture_and_draw_nothing_when_off():
+    rng, same = np.random.default_rng(4), np.random.default_rng(4)
+    for _ in range(50):  # background=0: the recipe of the shipped model, same stream
+        scene = sw.sample_scene(rng)
+        assert st.caption(scene, rng) == st.caption(sw.sample_scene(same), same, background=0.0)
+    named = 0
+    for _ in range(200):
+        scene = sw.sample_scene(rng)
+        text, facts = st.caption(scene, rng, background=0.5)
+        assert st.image_facts(scene)[facts].all(), text
+        if "background" in text:
+            named += 1
+            assert text.endswith(f"on a {sw.TEXTURES[scene.texture]} background.")
+            assert st.texture_fact(scene.texture) in facts
+            other = dataclasses.replace(scene, texture=(scene.texture + 1) % len(sw.TEXTURES))
+            assert not st.image_facts(other)[facts].all()
+    assert 60 < named < 140
+
+
 def test_caption_facts_reject_a_wrong_image():
     red_star = sw.Scene([sw.Obj(3, 0, 0, 0, 0.5, 0.5, 0.2, 0)], 0, 0, 0, 0, 0, 0)
     blue_star = sw.Scene([sw.Obj(3, 5, 0, 0, 0.5, 0.5, 0.2, 0)], 0, 0, 0, 0, 0, 0)

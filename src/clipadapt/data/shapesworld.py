@@ -46,6 +46,8 @@ ATTRIBUTE_TEMPLATES = {
     "weather": "a photo in {} weather.",
     "quality": "a {} photo.",
 }
+# Background textures (Scene.texture), as captions may name them ("on a grid background").
+TEXTURES = ["plain", "grainy", "grid", "checkered"]
 BACKGROUNDS = [
     (128, 128, 128),
     (200, 195, 180),
@@ -130,7 +132,7 @@ def sample_scene(
     return Scene(
         objects=objects,
         background=int(rng.integers(len(BACKGROUNDS))),
-        texture=int(rng.integers(4)),
+        texture=int(rng.integers(len(TEXTURES))),
         seed=int(rng.integers(2**31)),
         **values,
     )

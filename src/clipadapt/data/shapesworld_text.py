@@ -10,7 +10,15 @@ from __future__ import annotations
 
 import numpy as np
 
-from clipadapt.data.shapesworld import ATTRIBUTES, COLOUR_NAMES, PATTERNS, SHAPES, SIZES, Scene
+from clipadapt.data.shapesworld import (
+    ATTRIBUTES,
+    COLOUR_NAMES,
+    PATTERNS,
+    SHAPES,
+    SIZES,
+    TEXTURES,
+    Scene,
+)
 
 # Object facts: (shape or *, colour or *, pattern or *, size or *); scene facts: one per value.
 _NS, _NC, _NP, _NZ = len(SHAPES) + 1, len(COLOUR_NAMES) + 1, len(PATTERNS) + 1, len(SIZES) + 1
@@ -20,7 +28,8 @@ _off = N_OBJECT_FACTS
 for _name, _values in ATTRIBUTES.items():
     _SCENE_OFFSET[_name] = _off
     _off += len(_values)
-N_FACTS = _off
+_TEXTURE_OFFSET = _off  # background texture facts
+N_FACTS = _off + len(TEXTURES)
 
 NUMBERS = {2: "two", 3: "three"}
 SCENE_PHRASES = {
@@ -43,6 +52,10 @@ def scene_fact(attribute: str, value: int) -> int:
     return _SCENE_OFFSET[attribute] + value
 
 
+def texture_fact(texture: int) -> int:
+    return _TEXTURE_OFFSET + texture
+
+
 def image_facts(scene: Scene) -> np.ndarray:
     """[N_FACTS] bool: every fact the scene satisfies."""
     facts = np.zeros(N_FACTS, bool)
@@ -54,6 +67,7 @@ def image_facts(scene: Scene) -> np.ndarray:
                         facts[object_fact(s, c, p, z)] = True
     for name in ATTRIBUTES:
         facts[scene_fact(name, getattr(scene, name))] = True
+    facts[texture_fact(scene.texture)] = True
     return facts
 
 
@@ -61,8 +75,14 @@ def _article(word: str) -> str:
     return "an" if word[0] in "aeiou" else "a"
 
 
-def caption(scene: Scene, rng: np.random.Generator) -> tuple[str, list[int]]:
-    """A random caption of the scene and the facts it asserts."""
+def caption(
+    scene: Scene, rng: np.random.Generator, background: float = 0.0
+) -> tuple[str, list[int]]:
+    """A random caption of the scene and the facts it asserts.
+
+    background: probability that the caption also names the background's texture ("... on a
+    grid background"); at 0 (the shipped model's recipe) nothing more is drawn from ``rng``.
+    """
     facts: list[int] = []
     phrases: list[str] = []
     scene_only = rng.random() < 0.15
@@ -99,7 +119,11 @@ def caption(scene: Scene, rng: np.random.Generator) -> tuple[str, list[int]]:
         name = str(rng.choice(list(ATTRIBUTES)))
         mentioned[name] = getattr(scene, name)
     facts += [scene_fact(name, value) for name, value in mentioned.items()]
-    return _sentence(phrases, mentioned, rng), facts
+    text = _sentence(phrases, mentioned, rng)
+    if background and rng.random() < background:
+        text = f"{text[:-1]} on a {TEXTURES[scene.texture]} background."
+        facts.append(texture_fact(scene.texture))
+    return text, facts
 
 
 def _sentence(phrases: list[str], mentioned: dict[str, int], rng: np.random.Generator) -> str:
