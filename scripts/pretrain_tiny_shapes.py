@@ -31,6 +31,7 @@ import dataclasses
 import itertools
 import json
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -162,6 +163,56 @@ def contrast_group(
     return scenes
 
 
+BACKGROUND_FACT = st.N_FACTS  # one more fact column for the regions: "is the background"
+N_REGION_FACTS = st.N_FACTS + 1
+
+
+def region_targets(scene: sw.Scene, rng: np.random.Generator, size: int, grid: int):
+    """The scene's regions (each visible object, then the background) for the region loss.
+
+    Returns the regions' patch coverage [R, grid*grid] (the share of each patch they hold),
+    their facts [R, N_REGION_FACTS] and one phrase per region with the facts it asserts: an
+    object by its shape and/or colour, sometimes its pattern ("a photo of a striped red
+    circle."); the background as "the background" or by its texture ("a photo of a grid
+    background."). Regions under half a patch are left out.
+    """
+    inst = sw.instance_masks(scene, size)
+    cell = size // grid
+    cover = inst.reshape(len(inst), grid, cell, grid, cell).mean((2, 4)).reshape(len(inst), -1)
+    covers, facts, phrases, asserted = [], [], [], []
+    for obj, c in zip(scene.objects, cover, strict=True):
+        if c.sum() < 0.5:
+            continue
+        f = np.zeros(N_REGION_FACTS, bool)
+        f[: st.N_OBJECT_FACTS] = st.image_facts(dataclasses.replace(scene, objects=[obj]))[
+            : st.N_OBJECT_FACTS
+        ]
+        shape = obj.shape if rng.random() < 0.85 else None
+        colour = obj.colour if (shape is None or rng.random() < 0.7) else None
+        pattern = obj.pattern if rng.random() < 0.15 else None
+        words = [sw.COLOUR_NAMES[colour]] if colour is not None else []
+        words += [sw.PATTERNS[pattern]] if pattern is not None else []
+        words.append(sw.SHAPES[shape] if shape is not None else "shape")
+        phrase = " ".join(words)
+        covers.append(c)
+        facts.append(f)
+        phrases.append(f"a photo of {st._article(phrase)} {phrase}.")
+        asserted.append(st.object_fact(shape, colour, pattern, None))
+    bg = 1.0 - cover.sum(0)
+    if bg.sum() >= 0.5:
+        f = np.zeros(N_REGION_FACTS, bool)
+        f[[BACKGROUND_FACT, st.texture_fact(scene.texture)]] = True
+        covers.append(bg)
+        facts.append(f)
+        if rng.random() < 0.5:
+            phrases.append(str(rng.choice(["a photo of the background.", "the background."])))
+            asserted.append(BACKGROUND_FACT)
+        else:
+            phrases.append(f"a photo of a {sw.TEXTURES[scene.texture]} background.")
+            asserted.append(st.texture_fact(scene.texture))
+    return np.stack(covers), np.stack(facts), phrases, asserted
+
+
 class Batches(torch.utils.data.IterableDataset):
     """Endless batches: images uint8 [B,H,W,3], tokens [B,L], image facts, caption facts."""
 
@@ -176,6 +227,7 @@ class Batches(torch.utils.data.IterableDataset):
         easy_share=0.0,
         spread=(0, 0),
         background=0.0,
+        region_grid=0,
     ):
         self.seed, self.batch, self.size, self.tokenizer, self.start = (
             seed,
@@ -187,6 +239,7 @@ class Batches(torch.utils.data.IterableDataset):
         self.easy_steps, self.easy_share = easy_steps, easy_share
         self.spread = spread  # (centre steps, spread steps) of the position curriculum
         self.background = background  # share of captions that name the background texture
+        self.region_grid = region_grid  # patch grid side of the region loss (0: no regions)
 
     def __iter__(self):
         step = self.start
@@ -208,13 +261,36 @@ class Batches(torch.utils.data.IterableDataset):
             cap_f = np.zeros_like(img_f)
             for i, fs in enumerate(cap_facts):
                 cap_f[i, fs] = True
-            yield (
+            batch = (
                 torch.from_numpy(images),
                 self.tokenizer(list(caps)),
                 torch.from_numpy(img_f),
                 torch.from_numpy(cap_f),
             )
+            if self.region_grid:  # its own stream: the captions stay those of the run without
+                batch += self.regions(scenes, np.random.default_rng([self.seed, step, 7]))
+            yield batch
             step += 1
+
+    def regions(self, scenes, rng):
+        """Region-loss tensors: coverage [R, P], owner image [R], region facts [R, F],
+        tokens of the batch's distinct phrases [U, L] and their facts [U, F]."""
+        covers, owners, facts, texts = [], [], [], {}
+        for i, scene in enumerate(scenes):
+            c, f, phrases, asserted = region_targets(scene, rng, self.size, self.region_grid)
+            covers.append(c)
+            owners += [i] * len(c)
+            facts.append(f)
+            texts.update(zip(phrases, asserted, strict=True))
+        phrase_f = np.zeros((len(texts), N_REGION_FACTS), bool)
+        phrase_f[np.arange(len(texts)), list(texts.values())] = True
+        return (
+            torch.from_numpy(np.concatenate(covers)),
+            torch.tensor(owners),
+            torch.from_numpy(np.concatenate(facts)),
+            self.tokenizer(list(texts)),
+            torch.from_numpy(phrase_f),
+        )
 
 
 def patch_embedding(model, last_input: torch.Tensor, attention: str) -> torch.Tensor:
@@ -224,6 +300,16 @@ def patch_embedding(model, last_input: torch.Tensor, attention: str) -> torch.Te
     visual = model.visual
     tokens = _last_block(visual.transformer.resblocks[-1], last_input, attention, visual.grid_size)
     return (visual.ln_post(tokens[:, 1:]) @ visual.proj).mean(1)
+
+
+def region_embedding(model, last_input, attention, cover, owner) -> torch.Tensor:
+    """Each region's embedding [R, D]: the coverage-weighted mean of its image's L2-normalised
+    dense features (``attention``'s last block, ln_post, projection), normalised again."""
+    visual = model.visual
+    tokens = _last_block(visual.transformer.resblocks[-1], last_input, attention, visual.grid_size)
+    feats = F.normalize((visual.ln_post(tokens[:, 1:]) @ visual.proj).float(), dim=-1)
+    pooled = torch.einsum("rp,rpd->rd", cover, feats[owner])
+    return F.normalize(pooled, dim=-1)
 
 
 def to_input(images: torch.Tensor) -> torch.Tensor:
@@ -436,6 +522,20 @@ def main() -> None:
         help="which dense-feature variant the patch loss reads (clipadapt.backbones.dense)",
     )
     ap.add_argument(
+        "--region-weight",
+        type=float,
+        default=0.0,
+        help="weight of the region loss: each object's and the background's pooled dense "
+        "features against a phrase naming it (the world's masks say which patches they hold)",
+    )
+    ap.add_argument(
+        "--region-attention",
+        choices=ATTENTIONS,
+        default="maskclip",
+        help="which dense-feature variant the region loss reads (default: the value path, "
+        "which no compared attention is by itself)",
+    )
+    ap.add_argument(
         "--background-captions",
         type=float,
         default=0.0,
@@ -507,6 +607,7 @@ def main() -> None:
             args.easy_share,
             (args.centre_steps, args.spread_steps),
             args.background_captions,
+            model.visual.grid_size[0] if args.region_weight else 0,
         ),
         batch_size=None,
         num_workers=1,
@@ -516,15 +617,21 @@ def main() -> None:
     if args.teacher == "facts":
         train_teacher(distiller.teacher, args, size, out, sets)
         distiller.teacher.requires_grad_(False).eval()
+    # What made these weights (exported as the checkpoint's metadata): this command, and the
+    # recipe of the run it started from.
+    recipe = {"command": " ".join(["scripts/pretrain_tiny_shapes.py", *sys.argv[1:]])}
+    if args.init:
+        init_json = Path(args.init) / "last.json"
+        recipe["init"] = json.loads(init_json.read_text()) if init_json.exists() else args.init
     log = open(out / "log.jsonl", "a")
     last_input: list[torch.Tensor] = []
-    if args.patch_weight:
+    if args.patch_weight or args.region_weight:
         model.visual.transformer.resblocks[-1].register_forward_pre_hook(
             lambda _m, inputs: last_input.__setitem__(slice(None), [inputs[0]])
         )
     model.train()
     t0 = time.time()
-    for step, (images, tokens, img_f, cap_f) in enumerate(loader, start=start):
+    for step, (images, tokens, img_f, cap_f, *regions) in enumerate(loader, start=start):
         if step >= args.steps:
             break
         lr = (
@@ -541,6 +648,12 @@ def main() -> None:
             txt = model.encode_text(tokens)
             if args.patch_weight:
                 patch_img = patch_embedding(model, last_input[0], args.patch_attention)
+            if args.region_weight:
+                cover, owner, region_f, phrase_tokens, phrase_f = regions
+                region_img = region_embedding(
+                    model, last_input[0], args.region_attention, cover, owner
+                )
+                phrase_txt = model.encode_text(phrase_tokens)
             if args.teacher == "captions":
                 fmap, pooled = distiller.teacher.features(x)
                 t_img = distiller.teacher.top[-1](pooled)
@@ -555,6 +668,11 @@ def main() -> None:
             patch_img = F.normalize(patch_img.float(), dim=-1)
             patch_loss = contrastive_loss(patch_img, txt, scale, img_f, cap_f)
             loss = loss + args.patch_weight * patch_loss
+        if args.region_weight:
+            phrase_txt = F.normalize(phrase_txt.float(), dim=-1)
+            region_img = F.normalize(region_img.float(), dim=-1)
+            region_loss = contrastive_loss(region_img, phrase_txt, scale, region_f, phrase_f)
+            loss = loss + args.region_weight * region_loss
         if args.teacher == "captions":
             t_img = F.normalize(t_img.float(), dim=-1)
             loss = loss + contrastive_loss(t_img, txt, scale, img_f, cap_f)
@@ -575,6 +693,8 @@ def main() -> None:
                 dense += f"pooled {p_loss.item():.3f} "
             if args.patch_weight:
                 dense += f"patch {patch_loss.item():.3f} "
+            if args.region_weight:
+                dense += f"region {region_loss.item():.3f} "
             print(
                 f"step {step + 1} loss {loss.item():.4f} {dense}"
                 f"scale {model.logit_scale.exp().item():.1f} "
@@ -595,14 +715,14 @@ def main() -> None:
             print(json.dumps(rec), flush=True)
             log.write(json.dumps(rec) + "\n")
             log.flush()
-            save_checkpoint(model, opt, out, step + 1)
+            save_checkpoint(model, opt, out, step + 1, recipe)
             if distiller is not None:
                 save_file(distiller.state_dict(), out / "last-teacher.safetensors")
     if args.export:
         export(model, out / "last.json")
 
 
-def save_checkpoint(model, opt, out: Path, step: int) -> None:
+def save_checkpoint(model, opt, out: Path, step: int, recipe: dict) -> None:
     save_file(
         {k: v.contiguous() for k, v in model.state_dict().items()}, out / "last.safetensors.tmp"
     )
@@ -613,12 +733,15 @@ def save_checkpoint(model, opt, out: Path, step: int) -> None:
     save_file(opt_state, out / "last-opt.safetensors.tmp")
     (out / "last.safetensors.tmp").replace(out / "last.safetensors")
     (out / "last-opt.safetensors.tmp").replace(out / "last-opt.safetensors")
-    (out / "last.json").write_text(json.dumps({"step": step}))
+    (out / "last.json").write_text(json.dumps({"step": step, **recipe}))
 
 
 def export(model, meta_path: Path) -> None:
     state = {k: v.detach().to(torch.float16).contiguous() for k, v in model.state_dict().items()}
-    meta = {k: str(v) for k, v in json.loads(meta_path.read_text()).items()}
+    meta = {
+        k: v if isinstance(v, str) else json.dumps(v)
+        for k, v in json.loads(meta_path.read_text()).items()
+    }
     path = ASSETS / "model.safetensors"
     save_file(state, path, metadata={"source": "scripts/pretrain_tiny_shapes.py", **meta})
     path.chmod(0o644)

@@ -38,6 +38,29 @@ def test_render_is_deterministic_and_masks_cover_objects():
     assert not np.array_equal(sw.render(c, 64)[0], ia)
 
 
+def test_instance_masks_agree_with_the_rendered_class_mask():
+    rng = np.random.default_rng(11)
+    for _ in range(20):
+        scene = sw.sample_scene(rng, n_objects=(2, 3), size_range=(0.2, 0.4))
+        _, mask = sw.render(scene, 64)
+        inst = sw.instance_masks(scene, 64)
+        assert inst.shape == (len(scene.objects), 64, 64)
+        assert inst.min() >= 0 and inst.sum(0).max() <= 1 + 1e-5
+        # where one object holds most of a pixel, the class mask names its shape
+        top = inst.argmax(0)
+        sure = inst.max(0) >= 0.75
+        shapes = np.array([o.shape + 1 for o in scene.objects])[top]
+        assert np.array_equal(mask[sure], shapes[sure])
+        assert (mask[inst.sum(0) == 0] == 0).all()
+    # a later object hides an earlier one where they overlap
+    first = scene.objects[0]
+    second = dataclasses.replace(scene.objects[1], cx=first.cx + 0.05, cy=first.cy)
+    inst = sw.instance_masks(dataclasses.replace(scene, objects=[first, second]), 64)
+    hidden = inst[1] >= 1
+    assert hidden.sum() > 20 and (inst[0][hidden] == 0).all()
+    assert (sw.instance_masks(dataclasses.replace(scene, objects=[first]), 64)[0][hidden] > 0).any()
+
+
 def test_world_has_at_least_eight_shapes_and_colours():
     assert len(sw.SHAPES) >= 8 and len(sw.COLOURS) >= 8
     rng = np.random.default_rng(0)

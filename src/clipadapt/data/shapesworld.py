@@ -255,6 +255,18 @@ def _background(scene: Scene, size: int, rng: np.random.Generator) -> np.ndarray
     return img
 
 
+def instance_masks(scene: Scene, size: int = 64) -> np.ndarray:
+    """[len(objects), size, size] float: the visible share of each pixel that each object
+    covers, later objects occluding earlier ones as `render` paints them (1 - the sum over
+    objects is the background's share)."""
+    visible = np.zeros((len(scene.objects), size, size), np.float32)
+    for i, obj in enumerate(scene.objects):
+        m = _object_mask(obj, size)
+        visible[:i] *= 1 - m
+        visible[i] = m
+    return visible
+
+
 def render(scene: Scene, size: int = 64) -> tuple[np.ndarray, np.ndarray]:
     """The scene as an RGB uint8 image [size, size, 3] and a class mask [size, size].
 
