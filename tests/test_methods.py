@@ -125,6 +125,24 @@ def test_clip_adapter_head_is_the_paper_equation():
     assert sum(p.numel() for p in method.head.parameters()) == 2 * 64 * 16  # no biases
 
 
+def test_clip_adapter_keeps_its_last_epoch_unless_told_to_select_on_val():
+    train, val, test, text = synthetic_task(classes=20, noise=1.0, text_noise=5.0)
+    last = get("clip-adapter", epochs=6, use_views=False).fit(train, text, val=val)
+    unseen = get("clip-adapter", epochs=6, use_views=False).fit(train, text)
+    assert last.fitted["epoch"] == 6
+    torch.testing.assert_close(last.logits(test), unseen.logits(test))  # val did not choose
+    assert last.fitted["val_accuracy"] == pytest.approx(accuracy(last, val))  # but reported
+    # a validation set on which the untrained adapter looks best: "val" keeps epoch 1
+    misleading = FeatureSet(val.features, (val.labels + 1) % 20, val.classnames)
+    chosen = get("clip-adapter", epochs=6, use_views=False, select_epoch="val")
+    chosen.fit(train, text, val=misleading)
+    assert chosen.fitted["epoch"] < 6
+    assert chosen.fitted["val_accuracy"] == pytest.approx(accuracy(chosen, misleading))
+    assert not torch.equal(chosen.logits(test), last.logits(test))
+    with pytest.raises(ClipAdaptError, match="select_epoch='best'"):
+        get("clip-adapter", select_epoch="best")
+
+
 def test_linear_probe_reaches_the_regularised_optimum():
     train, _, _, text = synthetic_task()
     method = get("linear-probe", l2=1e-3).fit(train, text)  # no val: fixed λ

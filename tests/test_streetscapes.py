@@ -24,6 +24,7 @@ from clipadapt.data.streetscapes import (
 from clipadapt.errors import ClipAdaptError
 from clipadapt.protocols.streetscapes import (
     DEFAULT_METHODS,
+    build_method,
     markdown_table,
     run_streetscapes,
     street_metrics,
@@ -197,6 +198,14 @@ FAST = {
     "clip-adapter": {"epochs": 2},
     "linear-probe": {"max_iter": 20},
 }
+
+
+def test_the_protocol_selects_clip_adapters_epoch_on_val_unless_overridden():
+    kw = {"scale": 50.0, "seed": 2, "device": "cpu"}
+    assert build_method("clip-adapter", {}, **kw).config.select_epoch == "val"
+    override = build_method("clip-adapter", {"select_epoch": "last"}, **kw)
+    assert override.config.select_epoch == "last"
+    assert build_method("clip-adapter", {}, **kw).config.seed == 2
 
 
 def test_protocol_runs_every_method_and_resumes(streets, tiny_vit_backbone, tmp_path, monkeypatch):

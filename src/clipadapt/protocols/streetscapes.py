@@ -41,6 +41,8 @@ from clipadapt.train import fit_threads
 
 MULTI_TASK = "mh-adapter-mt"
 DEFAULT_METHODS = ("zero-shot", "linear-probe", "clip-adapter", "mh-adapter", MULTI_TASK)
+# The protocol selects every trained method's epoch on its validation split.
+PROTOCOL_HPARAMS = {"clip-adapter": {"select_epoch": "val"}}
 METRICS = {
     "accuracy": "accuracy",
     "macro_f1": "macro-F1",
@@ -103,11 +105,12 @@ def run_filename(dataset: str, task: str, model: str, method: str, seed: int) ->
 
 
 def build_method(name: str, hparams: dict[str, Any], *, scale: float, seed: int, device) -> Any:
-    """A registered method or mh-adapter-mt; the logit scale and the seed fill the config
-    fields of those names unless ``hparams`` sets them."""
+    """A registered method or mh-adapter-mt; the logit scale, the seed and PROTOCOL_HPARAMS
+    fill the config fields of those names unless ``hparams`` sets them."""
     config = MHAdapterConfig if name == MULTI_TASK else get_class(name).Config
     fields = {f.name for f in dataclasses.fields(config)}
-    options = {k: v for k, v in (("scale", scale), ("seed", seed)) if k in fields} | hparams
+    options = {k: v for k, v in (("scale", scale), ("seed", seed)) if k in fields}
+    options |= PROTOCOL_HPARAMS.get(name, {}) | hparams
     if name == MULTI_TASK:
         return MultiTaskMHAdapter(device=device, **options)
     return get(name, device=device, **options)
