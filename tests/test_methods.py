@@ -201,6 +201,34 @@ def test_tip_adapter_f_trains_keys_and_selects_the_epoch_on_val():
     assert chosen == {True, False}
 
 
+def test_tip_adapter_f_keeps_the_untrained_keys_unless_the_trained_ones_win_after_search():
+    train, val, test, text = synthetic_task(seed=4, classes=20, noise=1.0, text_noise=5.0)
+    tip = get("tip-adapter").fit(train, text, val=val)  # the untrained keys, searched
+    shuffle = torch.randperm(len(tip.keys), generator=torch.Generator().manual_seed(0))
+    worse = tip.keys[shuffle]  # each key now under another image's label: worse on val
+
+    def fitted_with(keys):  # a Tip-Adapter-F as fit() leaves it after training and the search
+        method = get("tip-adapter-f")
+        method.text_weights, method.values, method.keys = tip.text_weights, tip.values, keys
+        method.fitted = {"epoch": 7, "epoch_val_accuracy": 0.5}
+        method._search(val)
+        return method
+
+    beaten = fitted_with(worse)
+    assert beaten.fitted["val_accuracy"] < tip.fitted["val_accuracy"]
+    beaten._keep_untrained_unless_beaten(tip.keys, val)
+    assert beaten.fitted["epoch"] == 0 and beaten.fitted["trained_epoch"] == 7
+    assert torch.equal(beaten.keys, tip.keys)
+    for key in ("alpha", "beta", "val_accuracy"):
+        assert beaten.fitted[key] == tip.fitted[key]
+    torch.testing.assert_close(beaten.logits(test), tip.logits(test))
+
+    winner = fitted_with(tip.keys)  # now the untrained keys are the worse ones
+    before = dict(winner.fitted)
+    winner._keep_untrained_unless_beaten(worse, val)
+    assert winner.fitted == before and torch.equal(winner.keys, tip.keys)
+
+
 def test_tip_adapter_f_head_at_init_is_tip_adapter():
     from clipadapt.methods.tip_adapter import build_cache
     from clipadapt.methods.tip_adapter_f import TipAdapterFHead

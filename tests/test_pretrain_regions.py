@@ -55,9 +55,7 @@ def test_a_region_phrase_is_false_for_the_other_objects(script):
         texture=2,
         seed=1,
     )
-    cover, facts, phrases, asserted = script.region_targets(
-        scene, np.random.default_rng(0), 64, 8
-    )
+    cover, facts, phrases, asserted = script.region_targets(scene, np.random.default_rng(0), 64, 8)
     assert len(cover) == 3 and "background" in phrases[2]
     assert cover[0].reshape(8, 8)[2, 2] > 0.9 and cover[1].reshape(8, 8)[5, 5] > 0.9
     for i, fact in enumerate(asserted):

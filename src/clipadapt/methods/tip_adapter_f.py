@@ -6,7 +6,10 @@ training); values, text weights and encoders stay frozen. Recipe: AdamW lr 1e-3,
 weight decay 0.01, cosine per iteration, batch 256, 20 epochs (EuroSAT 100), one random
 augmented view per image per epoch, the initial α, β while training. The epoch is selected on
 the *validation* set (the reference code selected it on test), then (β, α) are searched on the
-validation set with the trained keys.
+validation set with the trained keys. The untrained keys (epoch 0: Tip-Adapter itself) stay a
+candidate throughout: kept if no epoch beats them at the initial α, β, and kept if the trained
+keys, after their (β, α) search, do not beat them after theirs (the final model's criterion;
+ties keep them). So on validation Tip-Adapter-F never scores below Tip-Adapter.
 """
 
 from __future__ import annotations
@@ -91,4 +94,19 @@ class TipAdapterF(TipAdapter):
         self.values = head.values
         self.fitted = {"epoch": result.best_epoch, "epoch_val_accuracy": result.best_score}
         self._search(val)
+        if result.best_epoch != 0 and "val_accuracy" in self.fitted:
+            self._keep_untrained_unless_beaten(keys.to(self.keys), val)
         return self
+
+    def _keep_untrained_unless_beaten(self, untrained: Tensor, val: FeatureSet) -> None:
+        """Compare the trained keys with the untrained ones on val, each after its own (β, α)
+        search; keep the untrained keys (epoch 0) unless the trained ones score higher."""
+        trained_keys, trained = self.keys, dict(self.fitted)
+        self.keys = untrained
+        self._search(val)
+        if trained["val_accuracy"] > self.fitted["val_accuracy"]:
+            self.keys, self.fitted = trained_keys, trained
+            return
+        self.fitted.update(
+            epoch=0, trained_epoch=trained["epoch"], trained_val_accuracy=trained["val_accuracy"]
+        )
