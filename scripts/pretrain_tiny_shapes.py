@@ -22,6 +22,13 @@ What the ViT is slowest to learn is a shape at every position (docs/tiny-shapes.
 `--easy-steps` are clean single objects in groups that differ only in shape; of those, the first
 `--centre-steps` put the object at the image centre and the next `--spread-steps` widen its
 range to the whole image (position curriculum). Afterwards `--easy-share` of the groups stay easy.
+
+The shipped checkpoint is that run fine-tuned with `--init DIR --region-weight 1` (README): for
+every scene the world's instance masks give each object's and the background's share of every
+patch; the share-weighted mean of the patch features of the last block's value path
+(`--region-attention`, default maskclip) meets a phrase naming the region in the same
+duplicate-aware contrastive loss, so that patch features sit in the text space as real CLIP's
+do (what SCLIP relies on) without training the attention that SCLIP and vanilla CLIP compare.
 """
 
 from __future__ import annotations
