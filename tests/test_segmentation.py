@@ -27,6 +27,7 @@ from clipadapt.segmentation import (
     segmenter_options,
     window_boxes,
 )
+from clipadapt.segmentation.overlay import comparison_image, overlay_image, palette
 from clipadapt.segmentation.pamr import pamr
 from clipadapt.segmentation.segmenter import OPENAI_MEAN, OPENAI_STD
 
@@ -610,3 +611,24 @@ def test_seg_eval_writes_json(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert list(result["per_class_iou"])[:2] == ["background", "aeroplane"]
     assert "aeroplane" in printed and f"mIoU {metrics['mIoU']:.2f}" in printed
+
+
+def test_overlays_leave_the_background_unpainted_and_compare_side_by_side():
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 256, (20, 30, 3), dtype=np.uint8))
+    pred = torch.zeros(20, 30, dtype=torch.long)
+    pred[5:10, 5:15] = 2
+    names = ["background", "car", "road"]
+    picture = np.asarray(overlay_image(image, pred, names, alpha=0.5))[:20, :30].astype(float)
+    base = np.asarray(image).astype(float)
+    background = (pred == 0).numpy()
+    assert np.array_equal(picture[background], base[background])  # unpainted
+    want = 0.5 * base[5:10, 5:15] + 0.5 * palette(3)[2]
+    assert np.abs(picture[5:10, 5:15] - want).max() <= 0.5  # class 2 blended in its colour
+    truth = pred.clone()
+    truth[0, 0] = 255  # ignored pixels keep the image too
+    strip = comparison_image(image, [("truth", truth), ("pred", pred)], names, min_side=60)
+    scale = 3  # the short side (20) enlarged to at least 60
+    assert strip.height >= 20 * scale and strip.width > 3 * 30 * scale  # 3 panels + legend
+    panel = np.asarray(strip)[16 : 16 + 20 * scale, 30 * scale + 4 : 2 * 30 * scale + 4]
+    assert np.array_equal(panel[0, 0], np.asarray(image)[0, 0])  # the 255 pixel: unpainted

@@ -50,6 +50,7 @@ FEWSHOT_METHODS = [
 ]
 SEG_ATTENTIONS = ["vanilla", "maskclip", "clearclip", "naclip", "csa"]
 SEG_OVERLAYS = 4
+SEG_SHOWN = {"vanilla": "vanilla CLIP", "csa": "SCLIP"}  # attentions drawn in the report
 
 
 def _cli(argv: list[str]) -> None:
@@ -234,15 +235,19 @@ def _figures(out: Path, folder: Path) -> str:
 
 def _segmentation(out: Path, folder: Path, model: str, device: str, limit: int | None):
     from clipadapt.backbones import load_backbone
-    from clipadapt.data.mmseg import read_class_lines, read_image
+    from clipadapt.data.mmseg import read_class_lines, read_image, read_label
     from clipadapt.segmentation import Segmenter
     from clipadapt.segmentation.evaluation import evaluate
-    from clipadapt.segmentation.overlay import overlay_image, save_png
+    from clipadapt.segmentation.overlay import comparison_image, save_png
 
     bb = load_backbone(model, device=device)
     dataset = _seg_dataset(folder)
     classes = read_class_lines(folder / "classnames.txt")
     records, rows = [], []
+    shown = range(min(SEG_OVERLAYS, len(dataset)))
+    panels: dict[int, list] = {
+        i: [("ground truth", read_label(dataset.items[i].label))] for i in shown
+    }
     for attention in SEG_ATTENTIONS:
         seg = Segmenter(bb, classes, attention=attention, cache_dir=out / "cache")
         result = evaluate(seg, dataset, limit=limit, progress=True, names=classes)
@@ -261,24 +266,20 @@ def _segmentation(out: Path, folder: Path, model: str, device: str, limit: int |
             }
         )
         rows.append(f"| {attention} | {result['mIoU']:.2f} | {result['aAcc']:.2f} |")
-        if attention in ("vanilla", "csa"):
-            for i in range(min(SEG_OVERLAYS, len(dataset))):
-                image = read_image(dataset.items[i].image)
-                pred = seg.predict(image)
-                save_png(
-                    overlay_image(image, pred, seg.names),
-                    out / "segmentation" / f"{i:02d}-{attention}.png",
-                )
-    figures = "\n".join(
-        f"![{i:02d}-{a}](segmentation/{i:02d}-{a}.png)"
-        for i in range(min(SEG_OVERLAYS, len(dataset)))
-        for a in ("vanilla", "csa")
-    )
+        if attention in SEG_SHOWN:
+            for i in shown:
+                pred = seg.predict(read_image(dataset.items[i].image))
+                panels[i].append((SEG_SHOWN[attention], pred))
+    for i in shown:
+        image = read_image(dataset.items[i].image)
+        save_png(comparison_image(image, panels[i], classes), out / "segmentation" / f"{i:02d}.png")
+    figures = "\n".join(f"![{i:02d}](segmentation/{i:02d}.png)" for i in shown)
     md = (
         "## Open-vocabulary segmentation (ShapesWorld seg, mIoU %)\n\n"
         "| attention | mIoU | pixel acc. |\n|---|---|---|\n"
         + "\n".join(rows)
-        + "\n\nOverlays (vanilla CLIP, then SCLIP):\n\n"
+        + f"\n\nImage, ground truth, {' and '.join(SEG_SHOWN.values())} (background unpainted):"
+        + "\n\n"
         + figures
     )
     return records, md

@@ -36,17 +36,64 @@ def mask_image(pred: Tensor, num_classes: int) -> Image.Image:
     return image
 
 
+UNPAINTED = ("background",)  # classes left as the image shows them (legend: a white swatch)
+WHITE = (255, 255, 255)
+
+
+def _blend(image: Image.Image, indices: np.ndarray, names: Sequence[str], alpha: float):
+    """(blended RGB picture, legend entries of the classes present). Pixels of UNPAINTED
+    classes, and indices outside the class list (e.g. 255, ignored), keep the image's colour."""
+    colours = palette(len(names)).astype(np.float32)
+    base = np.asarray(image.convert("RGB"), dtype=np.float32)
+    painted = np.array([n.split(",")[0].strip().lower() not in UNPAINTED for n in names])
+    known = indices < len(names)
+    safe = np.where(known, indices, 0)
+    paint = known & painted[safe]
+    blended = np.where(paint[..., None], (1 - alpha) * base + alpha * colours[safe], base)
+    picture = Image.fromarray(blended.round().clip(0, 255).astype(np.uint8))
+    present = [int(c) for c in np.unique(indices) if c < len(names)]
+    entries = [
+        (names[c], tuple(int(v) for v in colours[c]) if painted[c] else WHITE) for c in present
+    ]
+    return picture, entries
+
+
 def overlay_image(
     image: Image.Image, pred: Tensor, names: Sequence[str], alpha: float = 0.5
 ) -> Image.Image:
-    """Blend class colours over ``image`` and add a legend of the classes present, to the right."""
-    indices = pred.cpu().numpy()
-    colours = palette(len(names))
-    base = np.asarray(image.convert("RGB"), dtype=np.float32)
-    blended = (1 - alpha) * base + alpha * colours[indices].astype(np.float32)
-    picture = Image.fromarray(blended.round().clip(0, 255).astype(np.uint8))
-    present = [int(c) for c in np.unique(indices)]
-    return _with_legend(picture, [(names[c], tuple(int(v) for v in colours[c])) for c in present])
+    """Blend class colours over ``image`` and add a legend of the classes present, to the right.
+    A class named "background" is left unpainted."""
+    picture, entries = _blend(image, pred.cpu().numpy(), names, alpha)
+    return _with_legend(picture, entries)
+
+
+def comparison_image(
+    image: Image.Image,
+    panels: Sequence[tuple[str, Tensor | np.ndarray]],
+    names: Sequence[str],
+    alpha: float = 0.5,
+    min_side: int = 192,
+) -> Image.Image:
+    """The image, then one overlay per (title, class-index map) side by side under their titles,
+    enlarged (nearest neighbour) to at least ``min_side`` pixels, and one legend for them all."""
+    scale = max(1, -(-min_side // min(image.size)))
+    font = ImageFont.load_default()
+    title_height = 16
+    pictures, legend = [("image", image.convert("RGB"))], {}
+    for title, indices in panels:
+        indices = indices.cpu().numpy() if isinstance(indices, Tensor) else np.asarray(indices)
+        picture, entries = _blend(image, indices, names, alpha)
+        pictures.append((title, picture))
+        legend.update(entries)
+    width, height = image.width * scale, image.height * scale
+    strip = Image.new("RGB", (len(pictures) * (width + 4), height + title_height), WHITE)
+    draw = ImageDraw.Draw(strip)
+    for i, (title, picture) in enumerate(pictures):
+        x = i * (width + 4)
+        draw.text((x + 2, 2), title, fill=(0, 0, 0), font=font)
+        strip.paste(picture.resize((width, height), Image.NEAREST), (x, title_height))
+    order = {name: i for i, name in enumerate(names)}
+    return _with_legend(strip, sorted(legend.items(), key=lambda e: order[e[0]]))
 
 
 def _with_legend(picture: Image.Image, entries: list[tuple[str, tuple[int, ...]]]) -> Image.Image:
@@ -55,7 +102,7 @@ def _with_legend(picture: Image.Image, entries: list[tuple[str, tuple[int, ...]]
     text_width = max((int(font.getlength(name)) for name, _ in entries), default=0)
     width = picture.width + SWATCH + text_width + 24
     height = max(picture.height, 8 + line * len(entries))
-    canvas = Image.new("RGB", (width, height), (255, 255, 255))
+    canvas = Image.new("RGB", (width, height), WHITE)
     canvas.paste(picture, (0, 0))
     draw = ImageDraw.Draw(canvas)
     x = picture.width + 8
