@@ -300,21 +300,25 @@ class Batches(torch.utils.data.IterableDataset):
         )
 
 
-def patch_embedding(model, last_input: torch.Tensor, attention: str) -> torch.Tensor:
-    """The mean over patches of the dense features of ``attention`` (the last block rewritten as
-    `clipadapt.backbones.dense` does, ln_post, projection): an image embedding [B,D] that the
-    contrastive loss can align with the captions, so that the patch tokens carry the text."""
+def dense_tokens(model, last_input: torch.Tensor, attention: str) -> torch.Tensor:
+    """The patch tokens [B, P, D] of ``attention``'s dense features: the last block rewritten as
+    `clipadapt.backbones.dense` does, then ln_post and the projection (not normalised)."""
     visual = model.visual
     tokens = _last_block(visual.transformer.resblocks[-1], last_input, attention, visual.grid_size)
-    return (visual.ln_post(tokens[:, 1:]) @ visual.proj).mean(1)
+    return visual.ln_post(tokens[:, 1:]) @ visual.proj
+
+
+def patch_embedding(model, last_input: torch.Tensor, attention: str) -> torch.Tensor:
+    """The mean over patches of the dense features of ``attention``: an image embedding [B,D]
+    that the contrastive loss can align with the captions, so that the patch tokens carry the
+    text."""
+    return dense_tokens(model, last_input, attention).mean(1)
 
 
 def region_embedding(model, last_input, attention, cover, owner) -> torch.Tensor:
     """Each region's embedding [R, D]: the coverage-weighted mean of its image's L2-normalised
-    dense features (``attention``'s last block, ln_post, projection), normalised again."""
-    visual = model.visual
-    tokens = _last_block(visual.transformer.resblocks[-1], last_input, attention, visual.grid_size)
-    feats = F.normalize((visual.ln_post(tokens[:, 1:]) @ visual.proj).float(), dim=-1)
+    dense features of ``attention``, normalised again."""
+    feats = F.normalize(dense_tokens(model, last_input, attention).float(), dim=-1)
     pooled = torch.einsum("rp,rpd->rd", cover, feats[owner])
     return F.normalize(pooled, dim=-1)
 

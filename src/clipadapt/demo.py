@@ -244,7 +244,7 @@ def _segmentation(out: Path, folder: Path, model: str, device: str, limit: int |
     dataset = _seg_dataset(folder)
     classes = read_class_lines(folder / "classnames.txt")
     records, rows = [], []
-    shown = range(min(SEG_OVERLAYS, len(dataset)))
+    shown = {i: read_image(dataset.items[i].image) for i in range(min(SEG_OVERLAYS, len(dataset)))}
     panels: dict[int, list] = {
         i: [("ground truth", read_label(dataset.items[i].label))] for i in shown
     }
@@ -267,11 +267,9 @@ def _segmentation(out: Path, folder: Path, model: str, device: str, limit: int |
         )
         rows.append(f"| {attention} | {result['mIoU']:.2f} | {result['aAcc']:.2f} |")
         if attention in SEG_SHOWN:
-            for i in shown:
-                pred = seg.predict(read_image(dataset.items[i].image))
-                panels[i].append((SEG_SHOWN[attention], pred))
-    for i in shown:
-        image = read_image(dataset.items[i].image)
+            for i, image in shown.items():
+                panels[i].append((SEG_SHOWN[attention], seg.predict(image)))
+    for i, image in shown.items():
         save_png(comparison_image(image, panels[i], classes), out / "segmentation" / f"{i:02d}.png")
     figures = "\n".join(f"![{i:02d}](segmentation/{i:02d}.png)" for i in shown)
     md = (
