@@ -70,7 +70,7 @@ def fit_reencoding(bb, train_ds, keys, values, text, val_fs, method, seed):
     under a fresh augmentation. Returns the trained keys and the searched (β, α)."""
     c = method.config
     tc = TrainConfig.from_config(c, epochs=c.resolved_epochs())
-    head = TipAdapterFHead(keys, values, text, c.alpha, c.beta, c.scale)
+    head = TipAdapterFHead(keys, values, text, *c.initial(), c.scale)
     optimizer = make_optimizer(list(head.parameters()), tc)
     n = len(train_ds)
     total = tc.epochs * math.ceil(n / tc.batch_size)

@@ -423,6 +423,14 @@ def make_mmseg(root: Path, name: str, labels: list[np.ndarray]) -> list[str]:
             suffix = "_labelTrainIds.png" if name == "coco_stuff" else "_instanceTrainIds.png"
             save_image(coco / "images" / "val2017" / f"{stem}.jpg", h, w, i)
             save_label(coco / "annotations" / "val2017" / f"{stem}{suffix}", label, palette=False)
+        elif name == "coco_stuff10k":
+            coco = root / "coco_stuff10k"
+            save_image(coco / "images" / "test2014" / f"{stem}.jpg", h, w, i)
+            save_label(
+                coco / "annotations" / "test2014" / f"{stem}_labelTrainIds.png",
+                label,
+                palette=False,
+            )
         elif name == "cityscapes":
             city = ["aachen", "bonn"][i % 2]
             cs = root / "cityscapes"
@@ -439,7 +447,7 @@ def make_mmseg(root: Path, name: str, labels: list[np.ndarray]) -> list[str]:
     return stems
 
 
-REDUCED = {"voc20", "context59", "ade20k"}
+REDUCED = {"voc20", "context59", "ade20k", "coco_stuff10k"}
 
 
 @pytest.mark.parametrize("name", SEG_DATASETS)

@@ -173,11 +173,12 @@ def test_metrics_against_hand_computed_values():
     assert m["weighted_f1"] == pytest.approx(100 * 61 / 90)  # (3·4/5 + 2·1/2 + 1·2/3) / 6
     # recalls 2/3, 1/2, 1 -> 13/18; adjusted (13/18 - 1/3) / (1 - 1/3) = 7/12
     assert m["adjusted_balanced_accuracy"] == pytest.approx(100 * 7 / 12)
-    # a class predicted but absent from the truth counts in macro-F1 (F1 0), not in the
-    # chance level of the adjusted balanced accuracy (2 classes present)
+    # a class predicted but absent from the truth is not averaged in macro-F1 (the reference
+    # evaluator: sklearn f1_score(labels=unique(y_true))), nor in the chance level of the
+    # adjusted balanced accuracy (2 classes present); it lowers class 0's recall only
     m = street_metrics(one_hot([0, 2, 1, 1], 3), torch.tensor([0, 0, 1, 1]))
     assert m["accuracy"] == pytest.approx(75.0)
-    assert m["macro_f1"] == pytest.approx(100 * 5 / 9)  # (2/3 + 1 + 0) / 3
+    assert m["macro_f1"] == pytest.approx(100 * 5 / 6)  # (2/3 + 1) / 2, not (2/3 + 1 + 0) / 3
     assert m["weighted_f1"] == pytest.approx(100 * 5 / 6)  # (2·2/3 + 2·1) / 4
     assert m["adjusted_balanced_accuracy"] == pytest.approx(50.0)  # (3/4 - 1/2) / (1/2)
     perfect = street_metrics(one_hot([1, 0, 2], 3), torch.tensor([1, 0, 2]))

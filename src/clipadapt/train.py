@@ -2,7 +2,8 @@
 
 The backbone never runs here: each epoch draws, per sample, one of the V augmented views that
 were extracted once (``FeatureSet.views`` [V, N, D]), falling back to the eval-transform
-features when there are none. Learning rate: linear warm-up then cosine to zero, per iteration.
+features when there are none. Learning rate: linear warm-up then cosine to zero, per iteration
+(``lr_step="epoch"``: Dassl's per-epoch schedule, ``dassl_lr``; ``schedule="constant"``: none).
 After every epoch ``evaluate`` scores the module (validation accuracy by default); the best
 state is kept and restored at the end, and training stops early after ``patience`` epochs
 without improvement. With ``score_initial`` the untrained module is a candidate too (epoch 0),
@@ -26,6 +27,9 @@ from clipadapt.errors import ClipAdaptError
 from clipadapt.features.featureset import FeatureSet
 
 OPTIMIZERS = ("adamw", "adam", "sgd")
+SCHEDULES = ("cosine", "constant")
+LR_STEPS = ("iteration", "epoch")
+WARMUP_TYPES = ("linear", "constant")
 
 
 @dataclass
@@ -38,6 +42,13 @@ class TrainConfig:
     momentum: float = 0.9  # sgd only
     eps: float = 1e-8  # adam/adamw only
     warmup_epochs: float = 0.0  # linear warm-up from 0, then cosine to 0 (per iteration)
+    # "cosine" (after the warm-up) or "constant" (the base lr throughout, no warm-up)
+    schedule: str = "cosine"
+    # "iteration": the lr changes every step; "epoch": once per epoch, as Dassl's trainers
+    # (CoOp, CLIP-Adapter, CLIP-MHAdapter) do: see ``dassl_lr``
+    lr_step: str = "iteration"
+    warmup_type: str = "linear"  # per-epoch warm-up: "linear" (Dassl) or "constant"
+    warmup_lr: float = 1e-5  # per-epoch warm-up: Dassl's WARMUP_MIN_LR / WARMUP_CONS_LR
     patience: int | None = None  # stop after this many epochs without a better val score
     use_views: bool = True  # draw a random augmented view per sample each epoch
     seed: int = 1
@@ -62,6 +73,15 @@ class TrainConfig:
                 raise ClipAdaptError(f"{key}={getattr(self, key)}: expected a positive integer")
         if self.lr <= 0:
             raise ClipAdaptError(f"lr={self.lr}: expected a positive learning rate")
+        for key, allowed in (
+            ("schedule", SCHEDULES),
+            ("lr_step", LR_STEPS),
+            ("warmup_type", WARMUP_TYPES),
+        ):
+            if getattr(self, key) not in allowed:
+                raise ClipAdaptError(
+                    f"{key}={getattr(self, key)!r}: expected one of {', '.join(allowed)}"
+                )
 
 
 _fit_threads: int | None = None
@@ -211,6 +231,40 @@ def lr_factor(step: int, total: int, warmup: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / span))
 
 
+def dassl_lr(epoch: int, base_lr: float, max_epoch: int, warmup: int, kind: str, low: float):
+    """The lr of epoch ``epoch`` (0-based) under Dassl's cosine scheduler stepped once per epoch
+    (Dassl.pytorch dassl/optim/lr_scheduler.py, as patched in CLIP-MHAdapter
+    patches/lr_scheduler.py:26-165, WARMUP_RECOUNT True). With ``warmup`` > 0 epochs:
+    "constant" gives ``low`` for epochs < warmup; "linear" gives ``low`` at epoch 0 and
+    base_lr · e / warmup for 0 < e < warmup. Then cosine restarted at the warm-up's end but
+    with the full period: base_lr · (1 + cos(π (e - warmup) / max_epoch)) / 2."""
+    if epoch < warmup:
+        if kind == "constant" or epoch == 0:
+            return low
+        return base_lr * epoch / warmup
+    return 0.5 * base_lr * (1.0 + math.cos(math.pi * (epoch - warmup) / max_epoch))
+
+
+def _scheduler(optimizer, config: TrainConfig, steps_per_epoch: int):
+    """A LambdaLR stepped every iteration; per-epoch schedules hold their value for an epoch."""
+    total = config.epochs * steps_per_epoch
+    if config.schedule == "constant":
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    if config.lr_step == "epoch":
+        warmup = round(config.warmup_epochs)
+
+        def factor(step: int) -> float:
+            epoch = min(step // steps_per_epoch, config.epochs - 1)
+            lr = dassl_lr(
+                epoch, config.lr, config.epochs, warmup, config.warmup_type, config.warmup_lr
+            )
+            return lr / config.lr
+
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    warmup = round(config.warmup_epochs * steps_per_epoch)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, total, warmup))
+
+
 def train(
     module: nn.Module,
     data: FeatureSet,
@@ -246,11 +300,7 @@ def train(
     generator = torch.Generator().manual_seed(config.seed)
     provider = BatchProvider(data, config.batch_size, generator, device, config.use_views)
     optimizer = make_optimizer(params, config)
-    total = config.epochs * len(provider)
-    warmup = round(config.warmup_epochs * len(provider))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(step, total, warmup)
-    )
+    scheduler = _scheduler(optimizer, config, len(provider))
 
     result = TrainResult(best_epoch=config.epochs, best_score=None)
     best_state = None

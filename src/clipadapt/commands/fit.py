@@ -87,12 +87,15 @@ def extract_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def build_method(name: str, pairs: list[str], *, bb, dataset: str, seed: int, device: str):
-    """The method with --hparam overrides; the backbone's logit scale, the dataset name and the
-    seed fill the config fields of those names unless given."""
+    """The method with --hparam overrides; the backbone's logit scale (methods whose reference
+    uses it), the dataset name and the seed fill the config fields of those names unless given."""
     from clipadapt.methods import get, get_class, parse_hparams
 
     hparams = parse_hparams(name, pairs)
-    fields = {f.name for f in dataclasses.fields(get_class(name).Config)}
+    cls = get_class(name)
+    fields = {f.name for f in dataclasses.fields(cls.Config)}
+    if not cls.learned_scale:
+        fields.discard("scale")
     for key, value in {"scale": bb.logit_scale, "dataset": dataset, "seed": seed}.items():
         if key in fields and key not in hparams:
             hparams[key] = value

@@ -1,7 +1,8 @@
 """Segmentation readers for the eight open-vocabulary benchmarks in the mmsegmentation layouts.
 
 Label PNGs are read as class indices (palette indices for mode ``P``, never RGB); 255 is
-ignored. "Reduce zero label" (voc20, context59, ade20k): 0 becomes 255, the rest shift down by 1.
+ignored. "Reduce zero label" (voc20, context59, ade20k, coco_stuff10k): 0 becomes 255, the
+rest shift down by 1.
 The data root may be the folder holding ``VOCdevkit/``, ``coco_stuff164k/``, ... or the dataset
 folder itself.
 """
@@ -74,6 +75,17 @@ LAYOUTS: dict[str, Layout] = {
     "coco_stuff": Layout(**_COCO, label_suffix="_labelTrainIds.png", class_file="coco_stuff.txt"),
     "coco_object": Layout(
         **_COCO, label_suffix="_instanceTrainIds.png", class_file="coco_object.txt"
+    ),
+    # COCO-Stuff-10k (SCLIP configs/cfg_coco_stuff10k.py): test2014 images, zero label reduced
+    "coco_stuff10k": Layout(
+        folder="coco_stuff10k",
+        images="images/{split}",
+        labels="annotations/{split}",
+        image_suffix=".jpg",
+        label_suffix="_labelTrainIds.png",
+        class_file="coco_stuff.txt",
+        reduce_zero_label=True,
+        split_names=(("val", "test2014"), ("test", "test2014"), ("train", "train2014")),
     ),
     "cityscapes": Layout(
         folder="cityscapes",

@@ -39,6 +39,9 @@ class Method:
     name: ClassVar[str]
     Config: ClassVar[type]
     default_views: ClassVar[int] = 0  # augmented views per training image that fit() draws from
+    # Whether a protocol fills ``config.scale`` with the backbone's learned exp(logit_scale), as
+    # the reference code does; False keeps the config's constant (Tip-Adapter's 100).
+    learned_scale: ClassVar[bool] = True
 
     def __init__(self, device: str | torch.device = "cpu", **hparams: Any) -> None:
         allowed = [f.name for f in dataclasses.fields(self.Config)]

@@ -5,8 +5,9 @@
     logits = s · normalise(x') Wᵀ
 
 Only the adapter trains (cross-entropy), on augmented views, with the recipe of the released
-code: SGD lr 2e-3, momentum 0.9, weight decay 5e-4, batch 32, cosine, 200 epochs, and, as
-there, the last epoch is the model (``select_epoch="last"``). ``select_epoch="val"`` keeps the
+code (CoOp's rn50.yaml through Dassl): SGD lr 2e-3, momentum 0.9, weight decay 5e-4, batch 32,
+200 epochs, one warm-up epoch at 1e-5 then cosine, stepped per epoch, and, as there, the last
+epoch is the model (``select_epoch="last"``). ``select_epoch="val"`` keeps the
 epoch with the best validation accuracy instead (the StreetScapes protocol does, with its 20%
 validation split). In the few-shot protocol the validation set has min(shots, 4) images per
 class: at 1-2 shots, choosing among 200 epochs on 1-2 images per class mostly picks noise, and on
@@ -36,14 +37,19 @@ SELECT_EPOCH = ("last", "val")
 class ClipAdapterConfig:
     ratio: float = 0.2  # r: 0.2 generic data, 0.6-0.8 fine-grained / far-domain
     reduction: int = 4  # bottleneck D -> D / reduction
-    scale: float = 100.0
+    scale: float = 100.0  # the protocols fill the backbone's exp(logit_scale) (OpenAI: 100)
     epochs: int = 200
     batch_size: int = 32
     optimizer: str = "sgd"
     lr: float = 2e-3
     momentum: float = 0.9
     weight_decay: float = 5e-4
-    warmup_epochs: float = 0.0
+    # CoOp configs/trainers/CoOp/rn50.yaml: one warm-up epoch at a constant 1e-5, then cosine
+    # over 200 epochs, stepped once per epoch (Dassl)
+    warmup_epochs: float = 1.0
+    warmup_type: str = "constant"
+    warmup_lr: float = 1e-5
+    lr_step: str = "epoch"  # "iteration": the cosine changes every step instead
     patience: int | None = None
     use_views: bool = True
     select_epoch: str = "last"  # "last" (the released code) or "val" (best validation accuracy)

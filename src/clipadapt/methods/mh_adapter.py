@@ -14,7 +14,8 @@ ViT-B/16 gets 768 -> 256 -> 512 and 1,380,096 trainable parameters whatever the 
 (the attention's projections are D x D for any h). D must be divisible by ``heads``.
 
 Training (the one loop in clipadapt.train): AdamW lr 5e-4, weight decay 5e-4, batch 256, cosine
-over 100 epochs after 5 linear warm-up epochs, early stopping on validation accuracy (patience
+over 100 epochs after 5 linear warm-up epochs, stepped once per epoch as the reference's Dassl
+trainer does (``lr_step``), 4 heads, early stopping on validation accuracy (patience
 10), cross-entropy with optional inverse-frequency class weights. Augmentation comes from cached
 views: each epoch draws, per image, one of V random-resized-crop + flip views whose embedding
 *and* patch tokens were extracted once (``extract(..., views=V, view_tokens=True)``).
@@ -44,18 +45,21 @@ from clipadapt.methods.base import Method
 @dataclass
 class MHAdapterConfig:
     ratio: float = 0.2  # r, the adapter's weight in the blend (the paper tries 0.2 and 0.8)
-    heads: int = 8  # the paper tries 4, 8, 16
+    heads: int = 4  # the reference's default (per-task grid 4, 8, 16: clipadapt.recipes)
     hidden: int = 256  # bottleneck width (ViT-B/16: 768 -> 256 -> 512)
     dropout: float = 0.1
     tokens_layer: int = -2  # block whose output holds the patch tokens (-2: second-to-last)
     class_weights: bool = False  # inverse-frequency weights in the cross-entropy
-    scale: float = 100.0
+    scale: float = 100.0  # the protocols fill the backbone's exp(logit_scale) (OpenAI: 100)
     epochs: int = 100
     batch_size: int = 256
     optimizer: str = "adamw"
     lr: float = 5e-4
     weight_decay: float = 5e-4
-    warmup_epochs: float = 5.0
+    warmup_epochs: float = 5.0  # linear (epoch 0 at 1e-5), then cosine; Dassl, once per epoch
+    warmup_type: str = "linear"
+    warmup_lr: float = 1e-5
+    lr_step: str = "epoch"  # "iteration": the cosine changes every step instead
     patience: int | None = 10
     use_views: bool = True
     seed: int = 1

@@ -14,8 +14,8 @@ shared by every token (no internal residual):
 Attention pattern (``mask``): "bias" (the released code's default) adds +1 to the scaled scores
 of text→image and image→text pairs; "hard" allows only text→image and image→text. 107,712
 trainable parameters at D = 512. Training: Adam lr 5e-3, weight decay 1e-4, batch 256, up to
-200 epochs, early stopping on validation accuracy (patience 20), no augmentation (the shared
-loop's cosine schedule over the 200 epochs).
+200 epochs, early stopping on validation accuracy (patience 20), no augmentation, a constant
+learning rate: the authors' runs (their scheduler call is commented out).
 
 The adapter is class-agnostic: ``logits(features, text_weights=...)`` classifies against any
 class set, which is what the base-to-novel protocol evaluates.
@@ -72,13 +72,16 @@ class MMAdapterConfig:
     hidden: int = 32  # down/up projection bottleneck
     width: int = 128  # attention width d
     heads: int = 4
-    scale: float = 100.0
+    scale: float = 100.0  # the protocols fill the backbone's exp(logit_scale) (OpenAI: 100)
     epochs: int = 200
     batch_size: int = 256
     optimizer: str = "adam"
     lr: float = 5e-3
     weight_decay: float = 1e-4
     warmup_epochs: float = 0.0
+    # the released runs keep the lr constant (the scheduler call is commented out,
+    # mm_adapter/pipelines/train.py:208); "cosine": cosine to 0 per iteration
+    schedule: str = "constant"
     patience: int | None = 20
     use_views: bool = False  # no augmentation
     seed: int = 1

@@ -17,7 +17,6 @@ orders them), "· values" is a sum over each class's K keys instead of an [N, M]
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 import torch
@@ -25,45 +24,22 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from clipadapt import recipes
 from clipadapt.errors import ClipAdaptError
 from clipadapt.features.featureset import FeatureSet
 from clipadapt.methods import register
 from clipadapt.methods.base import Method
 
-# (β_max, α_max) of the published search, per dataset; unknown datasets get DEFAULT_RANGE.
+# (β_max, α_max) of the published search, per canonical dataset name (clipadapt.recipes).
 SEARCH_RANGES: dict[str, tuple[float, float]] = {
-    "imagenet": (7, 3),
-    "caltech101": (12, 5),
-    "dtd": (13, 13),
-    "eurosat": (12, 10),
-    "fgvcaircraft": (30, 30),
-    "food101": (10, 10),
-    "oxfordflowers": (50, 50),
-    "oxfordpets": (7, 3),
-    "stanfordcars": (20, 10),
-    "sun397": (12, 10),
-    "ucf101": (7, 3),
+    k: r.search_scale for k, r in recipes.TIP_RECIPES.items()
 }
-_ALIASES = {
-    "caltech": "caltech101",
-    "describabletextures": "dtd",
-    "fgvc": "fgvcaircraft",
-    "food": "food101",
-    "flowers": "oxfordflowers",
-    "flowers102": "oxfordflowers",
-    "pets": "oxfordpets",
-    "cars": "stanfordcars",
-    "sun": "sun397",
-    "ucf": "ucf101",
-}
-DEFAULT_RANGE = (7.0, 3.0)
+DEFAULT_RANGE = recipes.TIP_RECIPES[recipes.TIP_DEFAULT].search_scale
 
 
 def search_range(dataset: str | None) -> tuple[float, float]:
     """(β_max, α_max) for a dataset name ("caltech-101", "Caltech101", "oxford_pets", ...)."""
-    key = re.sub(r"[^a-z0-9]", "", (dataset or "").lower())
-    key = _ALIASES.get(key, key)
-    beta_max, alpha_max = SEARCH_RANGES.get(key, DEFAULT_RANGE)
+    beta_max, alpha_max = recipes.tip_recipe(dataset).search_scale
     return float(beta_max), float(alpha_max)
 
 
@@ -208,11 +184,11 @@ def _disable(progress: bool | None) -> bool | None:
 
 @dataclass
 class TipAdapterConfig:
-    alpha: float = 1.0  # residual ratio (used when no validation set is given)
-    beta: float = 5.5  # sharpness
-    scale: float = 100.0
+    alpha: float | None = None  # residual ratio; None: the dataset's init_alpha (recipes)
+    beta: float | None = None  # sharpness; None: the dataset's init_beta (recipes)
+    scale: float = 100.0  # a constant in the reference code, not the backbone's logit scale
     search: bool = True  # search (β, α) on the validation set when one is given
-    dataset: str | None = None  # picks (β_max, α_max) from SEARCH_RANGES
+    dataset: str | None = None  # picks the per-dataset recipe (clipadapt.recipes)
     beta_max: float | None = None  # override the dataset's range
     alpha_max: float | None = None
     steps: tuple[int, int] = (200, 20)
@@ -220,6 +196,14 @@ class TipAdapterConfig:
     def __post_init__(self) -> None:
         if len(self.steps) != 2 or min(self.steps) < 1:
             raise ClipAdaptError(f"steps={self.steps}: expected two positive integers")
+
+    def initial(self) -> tuple[float, float]:
+        """(α, β) before the search (and while Tip-Adapter-F trains): the config's, else the
+        dataset's ``init_alpha``, ``init_beta``."""
+        recipe = recipes.tip_recipe(self.dataset)
+        alpha = recipe.init_alpha if self.alpha is None else self.alpha
+        beta = recipe.init_beta if self.beta is None else self.beta
+        return float(alpha), float(beta)
 
     def search_range(self) -> tuple[float, float]:
         beta_max, alpha_max = search_range(self.dataset)
@@ -233,6 +217,7 @@ class TipAdapterConfig:
 class TipAdapter(Method):
     name = "tip-adapter"
     Config = TipAdapterConfig
+    learned_scale = False  # the reference multiplies by a constant 100 (main.py:32, 93, 116)
     default_views = 10  # A: augmented passes averaged into each cache key
 
     def fit(self, train: FeatureSet, text_weights: Tensor, val: FeatureSet | None = None):
@@ -244,7 +229,7 @@ class TipAdapter(Method):
 
     def _search(self, val: FeatureSet | None) -> None:
         """Set the final (α, β): searched on ``val`` if given, else the config's."""
-        alpha, beta = self.config.alpha, self.config.beta
+        alpha, beta = self.config.initial()
         self.fitted.update(alpha=alpha, beta=beta)
         if val is not None and self.config.search:
             beta_max, alpha_max = self.config.search_range()

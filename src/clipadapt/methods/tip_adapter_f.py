@@ -3,13 +3,16 @@
 The logits are Tip-Adapter's, s · f Wᵀ + α · exp(-β (1 - f keysᵀ)) values, but the keys become
 a trainable bias-free linear layer initialised to the cache keys (not re-normalised while
 training); values, text weights and encoders stay frozen. Recipe: AdamW lr 1e-3, eps 1e-4,
-weight decay 0.01, cosine per iteration, batch 256, 20 epochs (EuroSAT 100), one random
-augmented view per image per epoch, the initial α, β while training. The epoch is selected on
-the *validation* set (the reference code selected it on test), then (β, α) are searched on the
-validation set with the trained keys. The untrained keys (epoch 0: Tip-Adapter itself) stay a
-candidate throughout: kept if no epoch beats them at the initial α, β, and kept if the trained
-keys, after their (β, α) search, do not beat them after theirs (the final model's criterion;
-ties keep them). So on validation Tip-Adapter-F never scores below Tip-Adapter.
+weight decay 0.01, cosine per iteration, batch 256, and per dataset (clipadapt.recipes, the
+authors' configs/<dataset>.yaml) the epochs (20; EuroSAT 100) and the initial α, β used while
+training (β 1, α 1.17 to 10). One augmented view per image per epoch, drawn from the cached
+views (the reference draws a fresh crop and flip each epoch: a deliberate speed choice).
+The epoch is selected on the *validation* set (the reference code selected it on test), then
+(β, α) are searched on the validation set with the trained keys. The untrained keys (epoch 0:
+Tip-Adapter itself) stay a candidate throughout: kept if no epoch beats them at the initial
+α, β, and kept if the trained keys, after their (β, α) search, do not beat them after theirs
+(the final model's criterion; ties keep them). So on validation Tip-Adapter-F never scores
+below Tip-Adapter.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from clipadapt import recipes
 from clipadapt import train as training
 from clipadapt.features.featureset import FeatureSet
 from clipadapt.methods import register
@@ -27,14 +31,13 @@ from clipadapt.methods.tip_adapter import (
     TipAdapter,
     TipAdapterConfig,
     build_cache,
-    search_range,
     tip_logits,
 )
 
 
 @dataclass
 class TipAdapterFConfig(TipAdapterConfig):
-    epochs: int | None = None  # None: 20, or 100 for EuroSAT
+    epochs: int | None = None  # None: the dataset's train_epoch (20; EuroSAT 100)
     batch_size: int = 256
     optimizer: str = "adamw"
     lr: float = 1e-3
@@ -48,7 +51,7 @@ class TipAdapterFConfig(TipAdapterConfig):
     def resolved_epochs(self) -> int:
         if self.epochs is not None:
             return self.epochs
-        return 100 if search_range(self.dataset) == search_range("eurosat") else 20
+        return recipes.tip_recipe(self.dataset).train_epoch
 
 
 class TipAdapterFHead(nn.Module):
@@ -85,7 +88,8 @@ class TipAdapterF(TipAdapter):
         c = self.config
         self.text_weights = text_weights.detach().to(self.device, torch.float32)
         keys, values = build_cache(train, self.text_weights.shape[0])
-        head = TipAdapterFHead(keys, values, self.text_weights, c.alpha, c.beta, c.scale)
+        alpha, beta = c.initial()
+        head = TipAdapterFHead(keys, values, self.text_weights, alpha, beta, c.scale)
         config = training.TrainConfig.from_config(
             c, epochs=c.resolved_epochs(), device=self.device, desc=self.name
         )

@@ -199,7 +199,10 @@ def _build(name: str, overrides: dict, *, bb, dataset: str, seed: int, device: s
     fill the config fields of those names unless given (as `clipadapt fit` does)."""
     from clipadapt.methods import get, get_class
 
-    fields = {f.name for f in dataclasses.fields(get_class(name).Config)}
+    cls = get_class(name)
+    fields = {f.name for f in dataclasses.fields(cls.Config)} - (
+        set() if cls.learned_scale else {"scale"}
+    )
     values = {"scale": bb.logit_scale, "dataset": dataset, "seed": seed}
     filled = {k: v for k, v in values.items() if k in fields and k not in overrides}
     return get(name, device=device, **filled, **overrides)

@@ -109,6 +109,8 @@ def build_method(name: str, hparams: dict[str, Any], *, scale: float, seed: int,
     fill the config fields of those names unless ``hparams`` sets them."""
     config = MHAdapterConfig if name == MULTI_TASK else get_class(name).Config
     fields = {f.name for f in dataclasses.fields(config)}
+    if name != MULTI_TASK and not get_class(name).learned_scale:
+        fields.discard("scale")
     options = {k: v for k, v in (("scale", scale), ("seed", seed)) if k in fields}
     options |= PROTOCOL_HPARAMS.get(name, {}) | hparams
     if name == MULTI_TASK:

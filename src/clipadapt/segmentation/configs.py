@@ -1,8 +1,9 @@
 """Published SCLIP inference settings per benchmark (for 224-px ViTs; see METHODS.md).
 
-Window 224, stride 112, short side 336 (Cityscapes 560, COCO-Stuff 448), long side at most
-2048; logit scale 40 (Context60 and COCO-Object 50, VOC21 65); VOC21 and COCO-Object turn
-pixels whose best class probability is under 0.1 into class 0; VOC21 also drops classes
+Window 224, stride 112, short side 336 (Cityscapes 560, COCO-Stuff-164k 448; COCO-Stuff-10k
+336), long side at most 2048; logit scale 40 (Context60 and COCO-Object 50, VOC21 65); VOC21,
+Context60 and COCO-Object turn pixels whose best class probability is under 0.1 into class 0
+(SCLIP configs/cfg_<name>.py ``prob_thd``); VOC21 also drops classes
 covering less than 10% of the predicted foreground. For a model with another input size the
 window, stride and short side scale with it (window = the model's input size).
 """
@@ -28,10 +29,11 @@ class SegConfig:
 SEG_CONFIGS: dict[str, SegConfig] = {
     "voc21": SegConfig(scale=65.0, bg_threshold=0.1, area_threshold=0.1),
     "voc20": SegConfig(),
-    "context60": SegConfig(scale=50.0),
+    "context60": SegConfig(scale=50.0, bg_threshold=0.1),
     "context59": SegConfig(),
     "coco_object": SegConfig(scale=50.0, bg_threshold=0.1),
-    "coco_stuff": SegConfig(short_side=448),
+    "coco_stuff": SegConfig(short_side=448),  # COCO-Stuff-164k
+    "coco_stuff10k": SegConfig(short_side=336),
     "cityscapes": SegConfig(short_side=560),
     "ade20k": SegConfig(),
 }
