@@ -130,7 +130,9 @@ def test_fit_writes_an_adapter_that_eval_and_predict_use(world, tmp_path, capsys
     for line, p in zip(lines, probs, strict=True):
         top = p.topk(2)
         assert [t["class"] for t in line["top"]] == [list(COLOURS)[i] for i in top.indices]
-        assert [t["p"] for t in line["top"]] == pytest.approx(top.values.tolist(), abs=1e-6)
+        # predict encodes the two images as their own batch: float32 noise of ~1e-7 in the
+        # features, times Tip-Adapter's constant logit scale 100, moves p by ~1e-6
+        assert [t["p"] for t in line["top"]] == pytest.approx(top.values.tolist(), abs=1e-5)
     assert cli.main(["predict", "--adapter", str(out), str(images[0])]) == 0
     assert "1. " in capsys.readouterr().out
 
