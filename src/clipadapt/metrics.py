@@ -93,7 +93,7 @@ def classification_metrics(logits: Tensor, labels: Tensor) -> dict[str, float]:
 
 def miou(confusion: Tensor) -> float:
     """Mean IoU in %: IoU_c = TP / (TP + FP + FN) accumulated over the dataset, nan-mean over
-    classes with a non-empty union (METHODS.md, SCLIP)."""
+    classes with a non-empty union (as SCLIP and mmsegmentation compute it)."""
     confusion = confusion.double()
     inter = confusion.diagonal()
     union = confusion.sum(dim=0) + confusion.sum(dim=1) - inter

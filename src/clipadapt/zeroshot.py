@@ -73,7 +73,7 @@ def evaluate_zero_shot(
     """Top-1, top-5 and mean per-class recall (%) of zero-shot CLIP on ``dataset``.
 
     templates: a name for ``clipadapt.templates.get_templates`` or a list; None = the
-    dataset's own templates (METHODS.md). ``stats``: see :func:`clipadapt.features.extract`
+    dataset's own templates (clipadapt.templates). ``stats``: see :func:`clipadapt.features.extract`
     (``stats["bad"]`` lists the images skipped with ``skip_bad``).
     """
     if templates is None or isinstance(templates, str):

@@ -1,6 +1,6 @@
 """The CoOp layouts of the 11 few-shot datasets, and CoOp-style split json in any folder.
 
-Each reader returns ``{"train", "val", "test"}`` -> ClassificationDataset (see DATASETS.md).
+Each reader returns ``{"train", "val", "test"}`` -> ClassificationDataset (see docs/datasets.md).
 """
 
 from __future__ import annotations

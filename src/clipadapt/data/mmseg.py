@@ -245,7 +245,7 @@ def _find_folder(root: Path, layout: Layout, split: str) -> Path:
             return folder
     raise ClipAdaptError(
         f"{root}: no {layout.folder}/{layout.images.format(split=split)} folder; expected the "
-        "mmsegmentation layout (see DATASETS.md)"
+        "mmsegmentation layout (docs/datasets.md in the clipadapt repository)"
     )
 
 

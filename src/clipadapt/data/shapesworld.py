@@ -6,7 +6,7 @@ street-view attributes: lighting (daytime / dusk / night), weather (clear / rain
 snowy) and quality (sharp / blurry / noisy). Each scene comes with a per-pixel class mask and a
 structured description from which captions are written.
 
-`write_*` functions put datasets on disk in the layouts real data uses (DATASETS.md): a
+`write_*` functions put datasets on disk in the layouts real data uses (docs/datasets.md): a
 CoOp-style split json, a StreetScapes-style CSV set and an mmseg-style segmentation folder.
 """
 

@@ -1,4 +1,4 @@
-"""Write ShapesWorld datasets to disk in the layouts real data uses (DATASETS.md).
+"""Write ShapesWorld datasets to disk in the layouts real data uses (docs/datasets.md).
 
 - classification (CoOp layout): ``<root>/shapesworld-<task>/images/<class>/<n>.jpg`` and
   ``split_shapesworld-<task>.json`` with ``{"train"|"val"|"test": [[path, label, classname]]}``;

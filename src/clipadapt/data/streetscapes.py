@@ -8,7 +8,7 @@
                                                             "classnames": {label: name}}}
 
 The eight built-in tasks (glare, lighting_condition, pano_status, platform, quality, reflection,
-view_direction, weather) carry the template and class names of METHODS.md; ``tasks.json``
+view_direction, weather) carry the template and class names that CLIP-MHAdapter uses; ``tasks.json``
 (written by ShapesWorld for its scene attributes) adds tasks or overrides built-in ones.
 
 Labels are matched whatever their spelling: case, surrounding and repeated whitespace, ``_``

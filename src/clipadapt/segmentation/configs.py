@@ -1,4 +1,4 @@
-"""Published SCLIP inference settings per benchmark (for 224-px ViTs; see METHODS.md).
+"""Published SCLIP inference settings per benchmark, for 224-px ViTs (sources: docs/fidelity.md).
 
 Window 224, stride 112, short side 336 (Cityscapes 560, COCO-Stuff-164k 448; COCO-Stuff-10k
 336), long side at most 2048; logit scale 40 (Context60 and COCO-Object 50, VOC21 65); VOC21,
