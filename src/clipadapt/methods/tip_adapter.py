@@ -22,12 +22,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from clipadapt import recipes
 from clipadapt.errors import ClipAdaptError
 from clipadapt.features.featureset import FeatureSet
-from clipadapt.methods import register
+from clipadapt.methods import register, search
 from clipadapt.methods.base import Method
 
 # (β_max, α_max) of the published search, per canonical dataset name (clipadapt.recipes).
@@ -69,20 +68,45 @@ def _shots_per_class(values: Tensor) -> int | None:
     return k if torch.equal(values, expected.to(values.dtype)) else None
 
 
-def _cache_logits(sharp: Tensor, values: Tensor, shots: int | None) -> Tensor:
-    """sharp [N, M] = exp(-β (1 - f keysᵀ)) -> sharp @ values [N, C].
+def _one_hot_classes(values: Tensor) -> Tensor | None:
+    """[M] class of each key if values [M, C] is one-hot (any order, any count per class)."""
+    if values.numel() == 0 or not bool(((values == 0) | (values == 1)).all()):
+        return None
+    if not bool((values.sum(dim=1) == 1).all()):
+        return None
+    return values.argmax(dim=1)
 
-    With class-ordered one-hot values (``shots`` = K) this is a sum over each class's K columns:
-    M·N additions instead of an M·N·C matmul."""
-    if shots is None:
-        return sharp @ values
-    return sharp.unflatten(-1, (-1, shots)).sum(dim=-1)
+
+class CacheValues:
+    """sharp [N, M] -> sharp · values [N, C], for the layout of ``values`` [M, C]:
+
+    - one-hot with classes in order, K keys each (``build_cache``): a sum over each class's K
+      consecutive columns, M·N additions instead of an M·N·C matmul;
+    - one-hot in any other order (on CPU): ``index_add_``, adding the keys in their order;
+    - otherwise (soft values, or one-hot off the CPU): the matmul.
+    """
+
+    def __init__(self, values: Tensor) -> None:
+        self.values = values
+        self.num_classes = values.shape[1]
+        self.shots = _shots_per_class(values)
+        self.classes = None
+        if self.shots is None and values.device.type == "cpu":
+            self.classes = _one_hot_classes(values)
+
+    def __call__(self, sharp: Tensor) -> Tensor:
+        if self.shots is not None:
+            return sharp.unflatten(-1, (-1, self.shots)).sum(dim=-1)
+        if self.classes is not None:
+            out = sharp.new_zeros(*sharp.shape[:-1], self.num_classes)
+            return out.index_add(-1, self.classes, sharp)
+        return sharp @ self.values
 
 
 def tip_logits(
     feats: Tensor,
     keys: Tensor,
-    values: Tensor,
+    values: Tensor | CacheValues,
     text_weights: Tensor,
     alpha: float,
     beta: float,
@@ -90,15 +114,16 @@ def tip_logits(
 ) -> Tensor:
     """feats [N, D] and keys [M, D] L2-normalised, values [M, C], text_weights [C, D] -> [N, C]:
     scale · f Wᵀ + α · exp(-β (1 - f keysᵀ)) values."""
+    cache_values = values if isinstance(values, CacheValues) else CacheValues(values)
     sharp = torch.exp(-beta * (1.0 - feats @ keys.T))
-    cache = _cache_logits(sharp, values, _shots_per_class(values))
-    return _clip_logits(feats, text_weights, scale) + alpha * cache
+    return _clip_logits(feats, text_weights, scale) + cache_values(sharp) * alpha
 
 
 def search_grid(beta_max: float, alpha_max: float, steps=(200, 20)) -> tuple[list, list]:
-    """The published grid: β_i = 0.1 + i (β_max - 0.1) / steps[0], i < steps[0]; same for α."""
-    betas = [0.1 + i * (beta_max - 0.1) / steps[0] for i in range(steps[0])]
-    alphas = [0.1 + j * (alpha_max - 0.1) / steps[1] for j in range(steps[1])]
+    """The published grid: β_i = i (β_max - 0.1) / steps[0] + 0.1, i < steps[0]; same for α
+    (utils.py search_hp, the same operations in the same order)."""
+    betas = [i * (beta_max - 0.1) / steps[0] + 0.1 for i in range(steps[0])]
+    alphas = [j * (alpha_max - 0.1) / steps[1] + 0.1 for j in range(steps[1])]
     return betas, alphas
 
 
@@ -114,20 +139,25 @@ def search_hparams(
     steps: tuple[int, int] = (200, 20),
     scale: float = 100.0,
     progress: bool | None = None,
+    budget: int = search.DEFAULT_BUDGET,
 ) -> tuple[float, float, float]:
     """Grid search of (β, α) by accuracy of ``tip_logits`` on (feats [N, D], labels [N]).
 
     Returns (beta, alpha, accuracy in [0, 1]) of the first maximiser in the order β outer,
-    α inner: the same triple as the naive loop over the grid.
+    α inner: the same triple as the plain loop over the grid, with the reference's rule that a
+    point must beat accuracy 0 (else (0.0, 0.0, 0.0), the reference's initial β, α). Working
+    memory stays under ``budget`` bytes (``clipadapt.methods.search``).
     """
     if feats.shape[0] == 0:
         raise ClipAdaptError("search_hparams: the validation set is empty")
     betas, alphas = search_grid(beta_max, alpha_max, steps)
     counts = grid_correct_counts(
-        feats, labels, keys, values, text_weights, betas, alphas, scale, progress
+        feats, labels, keys, values, text_weights, betas, alphas, scale, progress, budget
     )
-    best = int(counts.flatten().argmax())  # first maximiser, β outer, α inner
-    i, j = divmod(best, len(alphas))
+    best = search.first_maximiser(counts)
+    if best is None:
+        return 0.0, 0.0, 0.0
+    i, j = best
     return betas[i], alphas[j], int(counts[i, j]) / feats.shape[0]
 
 
@@ -142,44 +172,28 @@ def grid_correct_counts(
     alphas: list[float],
     scale: float = 100.0,
     progress: bool | None = None,
+    budget: int = search.DEFAULT_BUDGET,
 ) -> Tensor:
     """[len(betas), len(alphas)] int64: at each (β, α), the number of rows whose first argmax
     of ``tip_logits(feats, keys, values, text_weights, α, β, scale)`` is the label.
 
-    Same floating-point operations as ``tip_logits``, so the counts are exactly the naive
-    loop's, but f·keysᵀ and s·f Wᵀ are computed once, exp(-β (1 - f keysᵀ)) and the cache
-    logits once per β, and each α needs only a max over the non-label classes.
+    Same floating-point operations as ``tip_logits``, so the counts are exactly the plain
+    loop's; f·keysᵀ and s·f Wᵀ are computed once per chunk of rows, exp(-β (1 - f keysᵀ)) and
+    the cache logits once per β, and each α is a scaled add (``search.affinity_grid_counts``).
     """
-    labels = labels.to(feats.device).long()[:, None]
-    alpha_col = torch.tensor(alphas, dtype=feats.dtype, device=feats.device)[:, None]
-    shots = _shots_per_class(values)
-    clip = _clip_logits(feats, text_weights, scale)  # [N, C]
-    clip_label = clip.gather(1, labels).T  # [1, N]
-    clip_others = clip.scatter(1, labels, float("-inf"))  # the label column masked out
-    one_minus_affinity = 1.0 - feats @ keys.T  # [N, M]
-    sharp = torch.empty_like(one_minus_affinity)
-    mixed = torch.empty_like(clip)
-    others = torch.empty(len(alphas), feats.shape[0], dtype=feats.dtype, device=feats.device)
-    counts = torch.zeros(len(betas), len(alphas), dtype=torch.long)
-    for i, beta in enumerate(
-        tqdm(betas, desc="tip search", leave=False, disable=_disable(progress))
-    ):
-        torch.mul(one_minus_affinity, -beta, out=sharp).exp_()  # exp(-β (1 - f keysᵀ))
-        cache = _cache_logits(sharp, values, shots)  # [N, C]
-        # For every α: the label's logit and the best other logit, [A, N].
-        label_logit = torch.mul(cache.gather(1, labels).T, alpha_col).add_(clip_label)
-        for j, alpha in enumerate(alphas):
-            torch.amax(torch.mul(cache, alpha, out=mixed).add_(clip_others), dim=1, out=others[j])
-        hits = label_logit > others
-        for j, n in (label_logit == others).nonzero().tolist():  # a tie: the first maximiser wins
-            row = clip[n] + alphas[j] * cache[n]
-            hits[j, n] = int(row.argmax()) == int(labels[n])
-        counts[i] = hits.sum(dim=1).cpu()
-    return counts
-
-
-def _disable(progress: bool | None) -> bool | None:
-    return (not progress) if progress is not None else None
+    cache_values = CacheValues(values)
+    return search.affinity_grid_counts(
+        feats,
+        labels,
+        keys,
+        lambda f: _clip_logits(f, text_weights, scale),
+        lambda kernel, i: cache_values(kernel),
+        betas,
+        alphas,
+        num_classes=text_weights.shape[0],
+        budget=budget,
+        progress=progress,
+    )
 
 
 @dataclass
