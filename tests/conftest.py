@@ -20,9 +20,10 @@ torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "2"))))
 
 
 def _register() -> None:
-    import open_clip
+    from tiny_families import register_configs, register_timm_towers
 
-    open_clip.add_model_config(CONFIGS)
+    register_timm_towers()
+    register_configs(CONFIGS)
 
 
 _register()

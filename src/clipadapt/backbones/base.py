@@ -22,12 +22,14 @@ class Backbone:
     """A frozen CLIP model. Subclasses implement the four ``_``-prefixed hooks.
 
     Attributes: ``model``, ``name``, ``pretrained``, ``identity`` ({"name", "pretrained",
-    "weights_sha256"}), ``embed_dim``, ``logit_scale`` (exp of the learned scale), ``image_size``
+    "weights_sha256"}), ``embed_dim``, ``logit_scale`` (exp of the learned scale),
+    ``logit_bias`` (a sigmoid-loss model's learned bias, None for softmax CLIPs), ``image_size``
     (input side in pixels), ``preprocess`` (eval transform PIL.Image -> Tensor[3,H,W]),
     ``mean``/``std`` (normalisation), ``device``.
     """
 
     text_batch_size = 256
+    prefix_tokens = 1  # tokens before the patches in the residual stream (CLS)
 
     def __init__(
         self,
@@ -70,7 +72,7 @@ class Backbone:
         raise NotImplementedError
 
     def _hidden_states(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """[B,3,H,W] on device -> per block, the residual stream [B,1+P,W] (CLS first)."""
+        """[B,3,H,W] on device -> per block, the residual stream [B,prefix+P,W] (CLS first)."""
         raise ClipAdaptError(f"{self.name}: patch tokens need a ViT image tower")
 
     def _blocks(self) -> list[torch.nn.Module]:
@@ -78,13 +80,30 @@ class Backbone:
         raise ClipAdaptError(f"{self.name}: patch tokens need a ViT image tower")
 
     def _block_output(self, out) -> torch.Tensor:
-        """A block's forward output -> its residual stream [B,1+P,W] (CLS first)."""
+        """A block's forward output -> its residual stream [B,prefix+P,W] (CLS first)."""
         raise NotImplementedError
 
     @property
     def logit_scale(self) -> float:
         """exp of the model's learned logit scale (100 for OpenAI weights)."""
         return float(self.model.logit_scale.detach().exp())
+
+    @property
+    def logit_bias(self) -> float | None:
+        """A sigmoid-loss model's learned logit bias (SigLIP); None for a softmax CLIP."""
+        bias = getattr(self.model, "logit_bias", None)
+        return None if bias is None else float(bias.detach())
+
+    @property
+    def capabilities(self) -> dict[str, bool]:
+        """What this backbone's towers support: classification, patch tokens, dense features,
+        torchrun (sharded extraction; model-independent)."""
+        return {
+            "classification": True,
+            "patch_tokens": False,
+            "dense_features": False,
+            "torchrun": True,
+        }
 
     # --- public API ----------------------------------------------------------------------------
     def _input(self, x: torch.Tensor) -> torch.Tensor:
@@ -134,7 +153,7 @@ class Backbone:
         self.model.eval()
         states = self._hidden_states(self._input(x))
         self._check_layer(layer, len(states))
-        return states[layer][:, 1:].float()
+        return states[layer][:, self.prefix_tokens :].float()
 
     def _check_layer(self, layer: int, blocks: int) -> None:
         if not -blocks <= layer < blocks:
@@ -155,7 +174,7 @@ class Backbone:
             z = self._image_features(self._input(x)).float()
         finally:
             hook.remove()
-        tokens = self._block_output(seen[-1])[:, 1:].float()
+        tokens = self._block_output(seen[-1])[:, self.prefix_tokens :].float()
         return (F.normalize(z, dim=-1) if normalize else z), tokens
 
     def dense_features(self, x: torch.Tensor, attention: str = "csa") -> torch.Tensor:

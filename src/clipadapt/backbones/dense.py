@@ -51,6 +51,15 @@ def dense_features(bb, x: Tensor, attention: str = "csa") -> Tensor:
     return feats.reshape(x.shape[0], grid[0], grid[1], -1)
 
 
+def supports_dense(bb) -> bool:
+    """Whether ``dense_features`` runs on this backbone (or bare model)."""
+    try:
+        _vit(getattr(bb, "model", bb))
+    except ClipAdaptError:
+        return False
+    return True
+
+
 def _vit(model: nn.Module) -> nn.Module:
     from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
 

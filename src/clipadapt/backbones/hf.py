@@ -39,6 +39,10 @@ class HFBackbone(Backbone):
     def _text_features(self, **tokens: torch.Tensor) -> torch.Tensor:
         return _features(self.model.get_text_features(**tokens))
 
+    @property
+    def capabilities(self) -> dict[str, bool]:
+        return {**super().capabilities, "patch_tokens": True}
+
     def _blocks(self) -> list[torch.nn.Module]:
         return list(self.model.vision_model.encoder.layers)
 

@@ -10,6 +10,8 @@ from pathlib import Path
 import open_clip
 import torch
 from open_clip import pretrained as registry
+from open_clip.modified_resnet import ModifiedResNet
+from open_clip.timm_model import TimmModel
 from open_clip.transform import PreprocessCfg, image_transform_v2
 from open_clip.transformer import VisionTransformer
 
@@ -38,20 +40,48 @@ class OpenClipBackbone(Backbone):
     def _text_features(self, text: torch.Tensor) -> torch.Tensor:
         return self.model.encode_text(text)
 
+    @property
+    def tower(self) -> str:
+        """The image tower: "vit" (open_clip's ViT), "timm-vit" (a timm ViT/EVA trunk:
+        EVA-CLIP, SigLIP), "resnet" (OpenAI's ModifiedResNet) or "timm-cnn" (ConvNeXt)."""
+        return tower_kind(self.model.visual)
+
+    @property
+    def capabilities(self) -> dict[str, bool]:
+        from clipadapt.backbones.families import model_capabilities
+
+        return model_capabilities(self.model)
+
+    @property
+    def prefix_tokens(self) -> int:
+        return int(self.model.visual.trunk.num_prefix_tokens) if self.tower == "timm-vit" else 1
+
+    def _no_tokens(self) -> ClipAdaptError:
+        kind = {"resnet": "a ResNet", "timm-cnn": "a convolutional"}.get(self.tower, "this")
+        return ClipAdaptError(
+            f"{self.name}: patch tokens need a ViT image tower, not {kind} one "
+            f"({type(getattr(self.model.visual, 'trunk', self.model.visual)).__name__})"
+        )
+
     def _vit(self) -> VisionTransformer:
-        v = self.model.visual
-        if not isinstance(v, VisionTransformer):
-            raise ClipAdaptError(f"{self.name}: patch tokens need a ViT image tower, not a ResNet")
-        return v
+        if self.tower != "vit":
+            raise self._no_tokens()
+        return self.model.visual
 
     def _blocks(self) -> list[torch.nn.Module]:
+        if self.tower == "timm-vit":
+            return list(self.model.visual.trunk.blocks)
         return list(self._vit().transformer.resblocks)
 
     def _block_output(self, out) -> torch.Tensor:
+        if self.tower == "timm-vit":  # timm blocks are batch-first
+            return out
         seq_first = not getattr(self._vit().transformer, "batch_first", False)
         return out.transpose(0, 1) if seq_first else out
 
     def _hidden_states(self, x: torch.Tensor) -> list[torch.Tensor]:
+        if self.tower == "timm-vit":
+            return self._timm_hidden_states(x)
         v = self._vit()
         x = v.conv1(x).flatten(2).transpose(1, 2)  # [B, P, W]
         cls = v.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
@@ -62,6 +92,57 @@ class OpenClipBackbone(Backbone):
             x = block(x.transpose(0, 1)).transpose(0, 1) if seq_first else block(x)
             states.append(x)
         return states
+
+    def _timm_hidden_states(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Every block's output, read by hooks while the trunk runs its own forward."""
+        states: list[torch.Tensor] = []
+        hooks = [
+            b.register_forward_hook(lambda _m, _i, out: states.append(out)) for b in self._blocks()
+        ]
+        try:
+            self.model.visual.trunk.forward_features(x)
+        finally:
+            for h in hooks:
+                h.remove()
+        return states
+
+
+def tower_kind(visual: torch.nn.Module) -> str:
+    """ "vit", "timm-vit", "resnet", "timm-cnn" or "other" for an open_clip image tower."""
+    if isinstance(visual, VisionTransformer):
+        return "vit"
+    if isinstance(visual, ModifiedResNet):
+        return "resnet"
+    if isinstance(visual, TimmModel):
+        trunk = visual.trunk
+        vit_like = all(hasattr(trunk, a) for a in ("blocks", "patch_embed", "num_prefix_tokens"))
+        return "timm-vit" if vit_like else "timm-cnn"
+    return "other"
+
+
+def tokenizer_for(name: str):
+    """open_clip's tokenizer for ``name``; a missing package or unreachable Hugging Face
+    tokenizer is a one-line error naming what to install or fetch."""
+    text_cfg = (open_clip.get_model_config(name) or {}).get("text_cfg", {})
+    source = text_cfg.get("hf_tokenizer_name") or "a Hugging Face tokenizer"
+    try:
+        return open_clip.get_tokenizer(name)
+    except ImportError as e:
+        package = e.name or "transformers"
+        install = (
+            "pip install 'clipadapt[hf]'"
+            if package.split(".")[0] in ("transformers", "tokenizers")
+            else f"pip install {package.split('.')[0]}"
+        )
+        raise ClipAdaptError(
+            f"{name}: its tokenizer ({source}) needs the {package} package; {install}"
+        ) from e
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ClipAdaptError(
+            f"{name}: cannot load its tokenizer {source!r} ({first[:160]}); it is downloaded from "
+            "the Hugging Face Hub once, then read from the local cache"
+        ) from e
 
 
 def _embedded_config() -> None:
@@ -135,6 +216,7 @@ def load_openclip(
             f"model {name!r}: not an open_clip architecture (see open_clip.list_models()) "
             f"nor {EMBEDDED!r}"
         )
+    tokenizer = tokenizer_for(name)  # before building the model: its errors are the cheap ones
     if pretrained is None and name == EMBEDDED:
         model, digest = _from_file(name, str(_embedded_weights()), trust_checkpoint)
     elif pretrained is None:
@@ -148,7 +230,7 @@ def load_openclip(
     size = pp.size if isinstance(pp.size, int) else pp.size[0]
     return OpenClipBackbone(
         model,
-        open_clip.get_tokenizer(name),
+        tokenizer,
         name=name,
         pretrained=pretrained,
         weights_sha256=digest,
