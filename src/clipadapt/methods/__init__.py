@@ -61,10 +61,15 @@ def get(name: str, **hparams: Any) -> Method:
 
 
 from clipadapt.methods import (  # noqa: E402  (modules register themselves on import)
+    clap,
     clip_adapter,
+    gda,
     linear_probe,
+    lp_plus_plus,
     mh_adapter,
     mm_adapter,
+    proker,
+    taskres,
     tip_adapter,
     tip_adapter_f,
     zero_shot,
@@ -72,16 +77,21 @@ from clipadapt.methods import (  # noqa: E402  (modules register themselves on i
 
 __all__ = [
     "Method",
+    "clap",
     "clip_adapter",
+    "gda",
     "get",
     "get_class",
     "linear_probe",
+    "lp_plus_plus",
     "mh_adapter",
     "mm_adapter",
     "load_adapter",
     "names",
     "parse_hparams",
+    "proker",
     "register",
+    "taskres",
     "tip_adapter",
     "tip_adapter_f",
     "zero_shot",

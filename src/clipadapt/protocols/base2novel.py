@@ -17,6 +17,9 @@ What each method does on novel classes (it was fitted on base classes only), ``N
 - clip-adapter: the adapted image features against the novel zero-shot classifier;
 - tip-adapter, tip-adapter-f: the cache holds base classes only, so its term adds nothing to a
   novel class: exactly the zero-shot classifier;
+- gda: its own ``novel_logits`` (the authors' main_base2new.py: Gaussians synthesised from each
+  novel text and the base samples nearest to it); its base classes use the pooled precision,
+  as that script does (``protocol_defaults``);
 - linear-probe and any other method: no weights for unseen classes, so the zero-shot classifier
   (a fallback, flagged as such in the table).
 """
@@ -164,7 +167,12 @@ def _clip_adapter(method, features: Tensor, weights: Tensor) -> Tensor:
     return _zero_shot(method, adapted, weights)
 
 
+def _own(method, features: Tensor, weights: Tensor) -> Tensor:
+    return method.novel_logits(features, weights)
+
+
 NOVEL_RULES: dict[str, tuple[NovelFn, str]] = {
+    "gda": (_own, "synthesised Gaussians: novel texts + nearest base samples (GDA's base2new)"),
     ZERO_SHOT: (_zero_shot, "zero-shot classifier"),
     "mm-adapter": (_mm_adapter, "adapted: novel texts in the attention sequence"),
     "clip-adapter": (_clip_adapter, "adapted image features x zero-shot classifier"),
@@ -204,6 +212,7 @@ def _build(name: str, overrides: dict, *, bb, dataset: str, seed: int, device: s
         set() if cls.learned_scale else {"scale"}
     )
     values = {"scale": bb.logit_scale, "dataset": dataset, "seed": seed}
+    values.update(getattr(cls, "protocol_defaults", {}).get(PROTOCOL, {}))
     filled = {k: v for k, v in values.items() if k in fields and k not in overrides}
     return get(name, device=device, **filled, **overrides)
 
