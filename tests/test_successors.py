@@ -365,3 +365,29 @@ def test_gda_under_base2novel_uses_its_own_novel_classifier_and_pooled_base():
     zero_shot = 100 * F.normalize(val.features, dim=-1) @ text[3:].T
     assert not torch.allclose(got, zero_shot)  # not the zero-shot fallback
     assert "synthesised" in base2novel.novel_rule("gda")
+
+
+def test_clap_and_taskres_train_from_unnormalised_class_prototypes(world, tmp_path, monkeypatch):  # noqa: F811
+    import clipadapt as ca
+    from clipadapt.methods.clap import Clap
+
+    seen = []
+    fit = Clap.fit
+
+    def spy(self, train, text_weights, val=None):
+        seen.append(text_weights.clone())
+        return fit(self, train, text_weights, val=val)
+
+    monkeypatch.setattr(Clap, "fit", spy)
+    out = tmp_path / "clap"
+    assert _fit(world, out, "clap", "--hparam", "epochs=1") == 0
+    doc = json.loads((out / "config.json").read_text())
+    classnames, templates = doc["meta"]["classnames"], doc["meta"]["templates"]
+    bb = ca.load_backbone(doc["meta"]["backbone"]["name"], str(world["weights"]))
+    names = [c.replace("_", " ") for c in classnames]
+    raw = bb.encode_texts([t.format(c) for c in names for t in templates], normalize=False)
+    want = raw.reshape(len(names), len(templates), -1).mean(1)
+    torch.testing.assert_close(seen[0], want, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(want.norm(dim=-1), torch.ones(len(names)))
+    assert methods.get_class("taskres").unit_text is False
+    assert methods.get_class("gda").unit_text is True

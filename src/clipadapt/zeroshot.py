@@ -26,20 +26,25 @@ def text_weights(
     classnames: Sequence[str],
     templates: Sequence[str],
     cache_dir: str | os.PathLike | None = None,
+    normalize: bool = True,
 ) -> Tensor:
-    """The zero-shot classifier W [C, D] (rows L2-normalised), see ``Backbone.text_classifier``.
+    """The zero-shot classifier W [C, D] (rows L2-normalised), see ``Backbone.text_classifier``;
+    ``normalize=False``: the mean of the unnormalised template embeddings per class.
 
     With ``cache_dir`` it is stored as ``text-<key>.safetensors``, keyed by the backbone
-    identity, class names, templates and library version.
+    identity, class names, templates, normalisation and library version.
     """
+    options = {} if normalize else {"normalize": False}
     if cache_dir is None:
-        return bb.text_classifier(list(classnames), list(templates))
+        return bb.text_classifier(list(classnames), list(templates), **options)
     fields = {
         "backbone": bb.identity,
         "classnames": list(classnames),
         "templates": list(templates),
         "library": library_version(),
     }
+    if not normalize:  # the normalised classifier keeps the key it always had
+        fields["normalize"] = False
     key = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
     path = Path(cache_dir).expanduser() / f"text-{key[:24]}.safetensors"
     if path.is_file():
@@ -47,7 +52,7 @@ def text_weights(
             return load_file(str(path))["weights"]
         except Exception:  # an unreadable cache file is recomputed, never trusted
             path.unlink(missing_ok=True)
-    weights = bb.text_classifier(list(classnames), list(templates))
+    weights = bb.text_classifier(list(classnames), list(templates), **options)
     atomic_write(path, lambda tmp: save_file({"weights": weights.contiguous()}, tmp))
     return weights
 

@@ -133,18 +133,19 @@ class Backbone:
         return F.normalize(z, dim=-1) if normalize else z
 
     def text_classifier(
-        self, classnames: Sequence[str], templates: Sequence[Template]
+        self, classnames: Sequence[str], templates: Sequence[Template], normalize: bool = True
     ) -> torch.Tensor:
         """Zero-shot weights [C,D]: per class, the mean of its L2-normalised template
         embeddings, re-normalised. ``_`` in class names becomes a space; a template is
-        ``"a {}."`` or a callable.
+        ``"a {}."`` or a callable. ``normalize=False``: the mean of the *unnormalised* template
+        embeddings, not normalised (the class prototypes CLAP and TaskRes train from).
         """
         if not templates:
             raise ClipAdaptError("text_classifier: expected at least one template")
         names = [c.replace("_", " ") for c in classnames]
         texts = [t(c) if callable(t) else t.format(c) for c in names for t in templates]
-        z = self.encode_texts(texts).reshape(len(names), len(templates), -1)
-        return F.normalize(z.mean(dim=1), dim=-1)
+        z = self.encode_texts(texts, normalize=normalize).reshape(len(names), len(templates), -1)
+        return F.normalize(z.mean(dim=1), dim=-1) if normalize else z.mean(dim=1)
 
     @torch.no_grad()
     def patch_tokens(self, x: torch.Tensor, layer: int = -1) -> torch.Tensor:

@@ -130,6 +130,9 @@ def fit_on_subset(
     start = time.perf_counter()
     train, val = subset["train"], subset.get("val")
     weights = text_weights(bb, train.classnames, templates, extract_kw["cache_dir"])
+    fit_weights = weights
+    if not method.unit_text:  # the class prototypes as the reference trains from them
+        fit_weights = text_weights(bb, train.classnames, templates, extract_kw["cache_dir"], False)
     options = method.extract_options(train=True)
     if views is not None:
         options["views"] = views
@@ -139,7 +142,7 @@ def fit_on_subset(
         val_fs = features(val, method.extract_options(train=False))
     fit_start = time.perf_counter()
     with training.fit_threads():
-        method.fit(train_fs, weights.to(method.device), val=val_fs)
+        method.fit(train_fs, fit_weights.to(method.device), val=val_fs)
     if seconds is not None:
         seconds.update(extract=fit_start - start, fit=time.perf_counter() - fit_start)
     method.meta = {

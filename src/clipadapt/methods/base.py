@@ -42,6 +42,9 @@ class Method:
     # Whether a protocol fills ``config.scale`` with the backbone's learned exp(logit_scale), as
     # the reference code does; False keeps the config's constant (Tip-Adapter's 100).
     learned_scale: ClassVar[bool] = True
+    # False: ``fit`` takes each class's mean of *unnormalised* template embeddings as its text
+    # weights (CLAP, TaskRes train from those), not the unit-norm zero-shot classifier.
+    unit_text: ClassVar[bool] = True
 
     def __init__(self, device: str | torch.device = "cpu", **hparams: Any) -> None:
         allowed = [f.name for f in dataclasses.fields(self.Config)]

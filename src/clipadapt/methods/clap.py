@@ -1,7 +1,8 @@
 """CLAP (Silva-Rodríguez et al., CVPR 2024): a linear probe held near the zero-shot prototypes.
 
     logits = s · normalise(f) · normalise(W)ᵀ,   W [C, D] initialised to the text weights T
-    loss   = CE + (1/C) Σ_c λ_c ‖w_c - t_c‖²        (on the vectors as given, not normalised)
+    loss   = CE + (1/C) Σ_c λ_c ‖w_c - t_c‖²        (t_c: the class's mean unnormalised
+                                                    template embedding, as in the code)
     λ_c    = mean zero-shot probability of class c over the class-c support samples
 
 No validation set: the last epoch is the model. As in the released code (trainers/adapters.py):
@@ -86,6 +87,7 @@ class Clap(Method):
     name = "clap"
     Config = ClapConfig
     default_views = 20  # epochs_aumentation: 20 augmented passes, each view its own sample
+    unit_text = False  # t: the mean of the unnormalised template embeddings per class
 
     def fit(self, train: FeatureSet, text_weights: Tensor, val: FeatureSet | None = None):
         c = self.config

@@ -77,6 +77,7 @@ class TaskRes(Method):
     name = "taskres"
     Config = TaskResConfig
     default_views = 10
+    unit_text = False  # t: the mean of the unnormalised template embeddings per class
 
     def fit(self, train: FeatureSet, text_weights: Tensor, val: FeatureSet | None = None):
         c = self.config
