@@ -4,6 +4,7 @@ few-shot curves (accuracy against shots per class; zero-shot as a star at 0 shot
 from __future__ import annotations
 
 import os
+import re
 import statistics
 from collections import defaultdict
 from collections.abc import Iterable
@@ -12,6 +13,22 @@ from pathlib import Path
 from clipadapt.io import atomic_write, write_text
 
 Key = tuple[str, str, int]  # (method, dataset, shots)
+TEST_MARK = "†"
+TEST_NOTE = (
+    f"{TEST_MARK} the test set chose the model (the authors' protocol, `--recipe reference`): "
+    "not a held-out estimate."
+)
+
+
+def row_label(record: dict) -> str:
+    """The method as the tables name it: ``tip-adapter-f``, or ``tip-adapter-f (reference) †``
+    for a run of the reference recipe whose model the test set chose."""
+    label = record["method"]
+    if record.get("recipe", "clean") != "clean":
+        label += f" ({record['recipe']})"
+    if record.get("selection") == "test":
+        label += f" {TEST_MARK}"
+    return label
 
 
 def summarize(records: Iterable[dict], metric: str = "top1") -> dict[Key, tuple[float, float, int]]:
@@ -22,7 +39,7 @@ def summarize(records: Iterable[dict], metric: str = "top1") -> dict[Key, tuple[
     values: dict[Key, list[float]] = defaultdict(list)
     for r in records:
         if metric in r.get("metrics", {}):
-            values[(r["method"], r["dataset"], int(r.get("shots") or 0))].append(
+            values[(row_label(r), r["dataset"], int(r.get("shots") or 0))].append(
                 float(r["metrics"][metric])
             )
     return {
@@ -32,10 +49,18 @@ def summarize(records: Iterable[dict], metric: str = "top1") -> dict[Key, tuple[
 
 
 def _order(items: Iterable[str], preferred: list[str] | None) -> list[str]:
+    """``items`` in the order of ``preferred`` (a row label ranks as its method), the rest
+    sorted after them."""
     items = sorted(set(items))
     if not preferred:
         return items
-    return [x for x in preferred if x in items] + [x for x in items if x not in preferred]
+    rank = {x: i for i, x in enumerate(preferred)}
+
+    def key(x: str) -> tuple[int, str]:
+        base = re.sub(r" \([a-z]+\)$", "", x.removesuffix(f" {TEST_MARK}"))
+        return rank.get(x, rank.get(base, len(rank))), x
+
+    return sorted(items, key=key)
 
 
 def dataset_average(
@@ -84,6 +109,8 @@ def markdown_table(
             avg = average.get((method, shots))
             cells.append("–" if avg is None else f"{avg:.2f}")
             lines.append("| " + " | ".join(cells) + " |")
+    if any(TEST_MARK in m for m in methods):
+        lines += ["", TEST_NOTE]
     return "\n".join(lines) + "\n"
 
 
@@ -169,4 +196,11 @@ def _safe(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "-" for c in name) or "dataset"
 
 
-__all__ = ["dataset_average", "fewshot_curves", "markdown_table", "summarize", "write_report"]
+__all__ = [
+    "dataset_average",
+    "fewshot_curves",
+    "markdown_table",
+    "row_label",
+    "summarize",
+    "write_report",
+]

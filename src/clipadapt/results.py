@@ -21,10 +21,15 @@ def make_result(
     shots: int | None,
     seed: int | None,
     metrics: dict[str, float],
+    recipe: str = "clean",
+    selection: str | None = None,
     **extras,
 ) -> dict:
-    """A result record; extras (e.g. "protocol", "hparams", "split", "templates") follow."""
-    return {
+    """A result record; extras (e.g. "protocol", "hparams", "split", "templates") follow.
+
+    ``recipe``: "clean" or "reference" (docs/fidelity.md). ``selection``: what chose among
+    candidates while fitting, "test" when test data did (the report marks those rows)."""
+    record = {
         "dataset": dataset,
         "model": model,
         "pretrained": pretrained,
@@ -32,8 +37,11 @@ def make_result(
         "shots": shots,
         "seed": seed,
         "metrics": {k: float(v) for k, v in metrics.items()},
-        **extras,
+        "recipe": recipe,
     }
+    if selection is not None:
+        record["selection"] = selection
+    return {**record, **extras}
 
 
 def write_result(path: str | os.PathLike, **fields) -> Path:
@@ -41,11 +49,18 @@ def write_result(path: str | os.PathLike, **fields) -> Path:
     return write_json(path, make_result(**fields))
 
 
-def result_filename(dataset: str, model: str, method: str, shots, seed) -> str:
+def result_filename(dataset: str, model: str, method: str, shots, seed, recipe="clean") -> str:
     """A stable file name for a run, e.g.
-    ``oxford_pets__ViT-B-16__tip-adapter__16shot__seed1.json``."""
-    parts = [dataset, model, method, f"{shots}shot", f"seed{seed}"]
-    return "__".join(re.sub(r"[^A-Za-z0-9._-]+", "-", str(p)) for p in parts) + ".json"
+    ``oxford_pets__ViT-B-16__tip-adapter__16shot__seed1.json`` (a recipe other than "clean"
+    follows the method: ``tip-adapter-f@reference``)."""
+    parts = [_safe(p) for p in (dataset, model, method, f"{shots}shot", f"seed{seed}")]
+    if recipe != "clean":
+        parts[2] += f"@{_safe(recipe)}"
+    return "__".join(parts) + ".json"
+
+
+def _safe(part) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", str(part))
 
 
 def read_result(path: str | os.PathLike) -> dict:

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from clipadapt.commands.fit import (
     add_backbone_options,
     add_fit_threads_option,
+    add_recipe_option,
     build_method,
     extract_kwargs,
     fit_on_subset,
@@ -80,6 +81,7 @@ def add_parser(subparsers) -> None:
         help="base2novel: base = the first ceil(C/2) (default) or floor(C/2) labels",
     )
     add_fit_threads_option(p)
+    add_recipe_option(p)
     add_backbone_options(p)
     p.set_defaults(run=run)
 
@@ -153,7 +155,8 @@ def run(args: argparse.Namespace) -> int:
         ]
 
         def result_path(method, shots, seed, name=name):
-            return runs_dir / result_filename(name, args.model, method, shots, seed)
+            recipe = args.recipe if method != ZERO_SHOT else "clean"
+            return runs_dir / result_filename(name, args.model, method, shots, seed, recipe)
 
         pending = [p for p in plan if not is_finished(result_path(*p), bb.identity)]
         skipped += len(plan) - len(pending)
@@ -189,6 +192,7 @@ def run(args: argparse.Namespace) -> int:
                 dataset=name,
                 seed=seed if seed is not None else 1,
                 device=args.device,
+                recipe=args.recipe,
             )
             extras, seconds = {}, {}
             if method_name == ZERO_SHOT:
@@ -209,6 +213,7 @@ def run(args: argparse.Namespace) -> int:
                     extract_kw=kw,
                     seconds=seconds,
                     pool=pool,
+                    splits=splits,
                 )
                 extras = {"fitted": method.fitted, "views": method.meta["views"]}
             eval_start = time.perf_counter()
@@ -228,6 +233,8 @@ def run(args: argparse.Namespace) -> int:
                 templates=templates,
                 backbone=bb.identity,
                 seconds={k: round(v, 3) for k, v in seconds.items()},
+                recipe=method.recipe,
+                selection=method.selection(),
                 **extras,
             )
             done += 1
@@ -243,6 +250,7 @@ def run(args: argparse.Namespace) -> int:
         and r["model"] == args.model
         and (r["method"], int(r["shots"] or 0)) in wanted
         and (r["seed"] in args.seeds or r["method"] == ZERO_SHOT)
+        and (r.get("recipe", "clean") == args.recipe or r["method"] == ZERO_SHOT)
     ]
     if not records:
         raise ClipAdaptError(f"{runs_dir}: no results to report")

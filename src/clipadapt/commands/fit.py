@@ -50,6 +50,17 @@ def add_method_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--templates", default=None, help="template set or a template with {}")
     add_fit_threads_option(p)
+    add_recipe_option(p)
+
+
+def add_recipe_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--recipe",
+        default="clean",
+        choices=["clean", "reference"],
+        help="clean (default): choices on validation data only; reference: the authors' "
+        "protocol, test-set selection included where they used it (docs/fidelity.md)",
+    )
 
 
 def add_fit_threads_option(p: argparse.ArgumentParser) -> None:
@@ -86,9 +97,19 @@ def extract_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def build_method(name: str, pairs: list[str], *, bb, dataset: str, seed: int, device: str):
+def build_method(
+    name: str,
+    pairs: list[str],
+    *,
+    bb,
+    dataset: str,
+    seed: int,
+    device: str,
+    recipe: str = "clean",
+):
     """The method with --hparam overrides; the backbone's logit scale (methods whose reference
-    uses it), the dataset name and the seed fill the config fields of those names unless given."""
+    uses it), the dataset name and the seed fill the config fields of those names unless given.
+    ``recipe``: "clean" (validation-only selection) or "reference" (the authors' protocol)."""
     from clipadapt.methods import get, get_class, parse_hparams
 
     hparams = parse_hparams(name, pairs)
@@ -99,7 +120,7 @@ def build_method(name: str, pairs: list[str], *, bb, dataset: str, seed: int, de
     for key, value in {"scale": bb.logit_scale, "dataset": dataset, "seed": seed}.items():
         if key in fields and key not in hparams:
             hparams[key] = value
-    return get(name, device=device, **hparams)
+    return get(name, device=device, recipe=recipe, **hparams)
 
 
 def fit_on_subset(
@@ -112,12 +133,15 @@ def fit_on_subset(
     extract_kw: dict[str, Any],
     seconds: dict[str, float] | None = None,
     pool=None,
+    splits: dict | None = None,
 ):
     """Extract (cached) the subset's embeddings, fit ``method`` and fill its ``meta``.
 
     Returns the text weights [C, D] used. ``seconds``, if given, receives the wall-clock
     seconds of the extraction (text and images, cached or not) and of the fit. ``pool``, a
-    features.pool.SubsetPool, serves the subset's rows from one extraction of many subsets."""
+    features.pool.SubsetPool, serves the subset's rows from one extraction of many subsets.
+    ``splits``, the reader's {"train", "val", "test"}: the whole validation or test split for
+    a method whose recipe fits on them (``method.val_source()``, ``method.needs_test()``)."""
     from clipadapt import train as training
     from clipadapt.features import extract
     from clipadapt.zeroshot import text_weights
@@ -137,12 +161,17 @@ def fit_on_subset(
     if views is not None:
         options["views"] = views
     train_fs = features(train, options)
+    val = reference_split(method.val_source(), splits, val, method)
     val_fs = None
     if val is not None and len(val) > 0:
         val_fs = features(val, method.extract_options(train=False))
+    extra = {}
+    if method.needs_test():
+        test = reference_split("test", splits, None, method)
+        extra["test"] = features(test, method.extract_options(train=False))
     fit_start = time.perf_counter()
     with training.fit_threads():
-        method.fit(train_fs, fit_weights.to(method.device), val=val_fs)
+        method.fit(train_fs, fit_weights.to(method.device), val=val_fs, **extra)
     if seconds is not None:
         seconds.update(extract=fit_start - start, fit=time.perf_counter() - fit_start)
     method.meta = {
@@ -154,8 +183,23 @@ def fit_on_subset(
         "views": options.get("views", 0),
         "train_images": len(train_fs),
         "val_images": 0 if val_fs is None else len(val_fs),
+        "recipe": method.recipe,
+        "selection": method.selection(),
     }
     return weights
+
+
+def reference_split(source: str, splits: dict | None, fewshot, method):
+    """The split ``method`` fits on: the few-shot draw, or the whole "val" / "test" split."""
+    if source == "fewshot":
+        return fewshot
+    split = (splits or {}).get(source)
+    if split is None or len(split) == 0:
+        raise ClipAdaptError(
+            f"{method.name} recipe={method.recipe!r}: needs the dataset's {source} split, "
+            "which is missing or empty"
+        )
+    return split
 
 
 def run(args: argparse.Namespace) -> int:
@@ -175,7 +219,13 @@ def run(args: argparse.Namespace) -> int:
         args.model, args.pretrained, device=args.device, trust_checkpoint=args.trust_checkpoint
     )
     method = build_method(
-        args.method, args.hparam, bb=bb, dataset=name, seed=args.seed, device=args.device
+        args.method,
+        args.hparam,
+        bb=bb,
+        dataset=name,
+        seed=args.seed,
+        device=args.device,
+        recipe=args.recipe,
     )
     fit_on_subset(
         method,
@@ -184,6 +234,7 @@ def run(args: argparse.Namespace) -> int:
         templates=templates,
         views=args.views,
         extract_kw=extract_kwargs(args),
+        splits=splits,
     )
     method.meta.update(shots=args.shots, seed=args.seed)
     out = Path(args.out)
@@ -191,6 +242,11 @@ def run(args: argparse.Namespace) -> int:
     save_subset(out / "subset.json", subset, args.shots, args.seed)
     print(f"{method.name} on {name}, {args.shots} shots, seed {args.seed} -> {out}")
     print("  " + describe_fitted(method.fitted))
+    if method.selection() == "test":
+        print(
+            "  note: the test set chose this model (recipe 'reference'): its test accuracy "
+            "is not a held-out estimate"
+        )
     return 0
 
 

@@ -23,6 +23,7 @@ from torch import Tensor
 from clipadapt.errors import ClipAdaptError
 from clipadapt.features.featureset import FeatureSet, as_features
 from clipadapt.io import atomic_write, read_json, write_json
+from clipadapt.recipes import check_recipe
 
 FORMAT = "clipadapt-adapter/1"
 CONFIG_FILE = "config.json"
@@ -46,7 +47,9 @@ class Method:
     # weights (CLAP, TaskRes train from those), not the unit-norm zero-shot classifier.
     unit_text: ClassVar[bool] = True
 
-    def __init__(self, device: str | torch.device = "cpu", **hparams: Any) -> None:
+    def __init__(
+        self, device: str | torch.device = "cpu", recipe: str = "clean", **hparams: Any
+    ) -> None:
         allowed = [f.name for f in dataclasses.fields(self.Config)]
         unknown = sorted(set(hparams) - set(allowed))
         if unknown:
@@ -56,6 +59,9 @@ class Method:
             )
         self.config = self.Config(**hparams)
         self.device = torch.device(device)
+        # "clean": validation-only selection; "reference": the authors' protocol, test-set
+        # selection included where they used it (clipadapt.recipes, docs/fidelity.md)
+        self.recipe = check_recipe(recipe)
         self.meta: dict[str, Any] = {}
         self.fitted: dict[str, Any] = {}
 
@@ -75,6 +81,22 @@ class Method:
     def load_state_tensors(self, tensors: dict[str, Tensor]) -> None:
         """Restore from ``state_tensors()`` output (shapes come from the tensors)."""
         raise NotImplementedError
+
+    # -- what fit() is given (the recipe decides; docs/fidelity.md) --------------------------
+    def val_source(self) -> str:
+        """The images ``fit(val=...)`` should get: "fewshot" (the min(K, 4)-shot draw of the
+        CoOp protocol, the default), "val" (the whole validation split) or "test"."""
+        return "fewshot"
+
+    def needs_test(self) -> bool:
+        """Whether ``fit`` takes ``test=`` (a FeatureSet of the test split) and chooses with it:
+        the reference recipe of a method whose authors selected on the test set."""
+        return False
+
+    def selection(self) -> str:
+        """What chose among candidates while fitting: "test" when test data did (then the
+        reported accuracy is not a held-out estimate), else "val"."""
+        return "test" if self.needs_test() or self.val_source() == "test" else "val"
 
     def extract_options(self, train: bool) -> dict[str, Any]:
         """Keyword arguments for ``clipadapt.features.extract``: what this method needs cached
@@ -97,6 +119,7 @@ class Method:
             {
                 "format": FORMAT,
                 "method": self.name,
+                "recipe": self.recipe,
                 "config": _jsonable(dataclasses.asdict(self.config)),
                 "meta": self.meta,
                 "fitted": self.fitted,
@@ -141,7 +164,10 @@ def load_adapter(directory: str | Path, backbone: Any = None, device: str = "cpu
     name, config = doc.get("method"), doc.get("config") or {}
     if not isinstance(name, str) or not isinstance(config, dict):
         raise ClipAdaptError(f"{cfg_path}: expected a method name and a config object")
-    method = methods.get(name, device=device, **_from_json(methods.get_class(name), config))
+    recipe = doc.get("recipe", "clean")
+    method = methods.get(
+        name, device=device, recipe=recipe, **_from_json(methods.get_class(name), config)
+    )
     method.meta = dict(doc.get("meta") or {})
     method.fitted = dict(doc.get("fitted") or {})
     try:

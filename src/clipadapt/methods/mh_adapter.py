@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from clipadapt import recipes
 from clipadapt import train as training
 from clipadapt.errors import ClipAdaptError
 from clipadapt.features.featureset import FeatureSet
@@ -243,10 +244,16 @@ class MultiTaskMHAdapter:
 
     name = "mh-adapter-mt"
 
-    def __init__(self, device: str | torch.device = "cpu", **hparams: Any) -> None:
+    def __init__(
+        self, device: str | torch.device = "cpu", recipe: str = "clean", **hparams: Any
+    ) -> None:
         self.config = MHAdapterConfig(**hparams)
         self.device = torch.device(device)
+        self.recipe = recipes.check_recipe(recipe)  # beyond the paper: no reference of its own
         self.fitted: dict[str, Any] = {}
+
+    def selection(self) -> str:
+        return "val"
 
     def _blocks(self) -> list[slice]:
         edges = [0, *itertools.accumulate(self.sizes)]

@@ -234,6 +234,14 @@ class TipAdapter(Method):
     learned_scale = False  # the reference multiplies by a constant 100 (main.py:32, 93, 116)
     default_views = 10  # A: augmented passes averaged into each cache key
 
+    def val_source(self) -> str:
+        """clean: the few-shot validation draw. reference: the whole validation split, as the
+        authors' dataset readers give it (only train is subsampled, datasets/*.py), and on
+        ImageNet the test set (main_imagenet.py searches (β, α) on test_features)."""
+        if self.recipe != "reference":
+            return "fewshot"
+        return "test" if recipes.dataset_key(self.config.dataset) == "imagenet" else "val"
+
     def fit(self, train: FeatureSet, text_weights: Tensor, val: FeatureSet | None = None):
         self.text_weights = text_weights.detach().to(self.device, torch.float32)
         keys, values = build_cache(train, self.text_weights.shape[0])

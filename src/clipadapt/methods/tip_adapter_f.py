@@ -13,6 +13,13 @@ Tip-Adapter itself) stay a candidate throughout: kept if no epoch beats them at 
 α, β, and kept if the trained keys, after their (β, α) search, do not beat them after theirs
 (the final model's criterion; ties keep them). So on validation Tip-Adapter-F never scores
 below Tip-Adapter.
+
+``recipe="reference"`` is the authors' protocol (main.py:76-141): the epoch (1..E, the
+untrained keys not a candidate) is the one of highest *test* accuracy at the initial (α, β);
+(β, α) are then searched on the whole validation split with those keys, and the reported model
+is whichever of the two, initial or searched (α, β), scores higher on test (main.py:141 prints
+max(best-epoch, after-search); ties keep the searched one, the code's final state). Test data
+choose the model, so ``selection()`` is "test" and ``fit`` needs ``test=``.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ from torch import Tensor, nn
 
 from clipadapt import recipes
 from clipadapt import train as training
+from clipadapt.errors import ClipAdaptError
 from clipadapt.features.featureset import FeatureSet
 from clipadapt.methods import register
 from clipadapt.methods.tip_adapter import (
@@ -84,7 +92,18 @@ class TipAdapterF(TipAdapter):
     name = "tip-adapter-f"
     Config = TipAdapterFConfig
 
-    def fit(self, train: FeatureSet, text_weights: Tensor, val: FeatureSet | None = None):
+    def needs_test(self) -> bool:
+        return self.recipe == "reference"
+
+    def fit(
+        self,
+        train: FeatureSet,
+        text_weights: Tensor,
+        val: FeatureSet | None = None,
+        test: FeatureSet | None = None,
+    ):
+        if self.recipe == "reference":
+            return self._fit_reference(train, text_weights, val, test)
         c = self.config
         self.text_weights = text_weights.detach().to(self.device, torch.float32)
         keys, values = build_cache(train, self.text_weights.shape[0])
@@ -101,6 +120,51 @@ class TipAdapterF(TipAdapter):
         if result.best_epoch != 0 and "val_accuracy" in self.fitted:
             self._keep_untrained_unless_beaten(keys.to(self.keys), val)
         return self
+
+    def _fit_reference(self, train, text_weights, val, test):
+        """The authors' protocol: epoch and final (α, β) chosen on the test set."""
+        if test is None or val is None:
+            raise ClipAdaptError(
+                f"{self.name} recipe='reference': fit(..., val=, test=) needs the validation "
+                "and test features (the authors select the epoch on the test set)"
+            )
+        c = self.config
+        self.text_weights = text_weights.detach().to(self.device, torch.float32)
+        keys, values = build_cache(train, self.text_weights.shape[0])
+        alpha, beta = c.initial()
+        head = TipAdapterFHead(keys, values, self.text_weights, alpha, beta, c.scale)
+        config = training.TrainConfig.from_config(
+            c, epochs=c.resolved_epochs(), device=self.device, desc=self.name, patience=None
+        )
+        result = training.train(
+            head.to(self.device),
+            train,
+            config,
+            evaluate=lambda m: training.accuracy_on(m, test, device=self.device),
+        )
+        self.keys, self.values = head.keys.detach(), head.values
+        self._search(val)
+        searched = dict(self.fitted)
+        after_search = self._accuracy(test)
+        self.fitted = {
+            "selection": "test",
+            "epoch": result.best_epoch,
+            "epoch_test_accuracy": result.best_score,
+            "epoch_test_accuracies": [h["val"] for h in result.history],
+            "after_search_test_accuracy": after_search,
+            **{k: v for k, v in searched.items() if k not in ("alpha", "beta")},
+        }
+        if result.best_score > after_search:  # max(best_acc, acc): the initial (α, β) win
+            self.fitted.update(alpha=alpha, beta=beta, reported="best-epoch")
+        else:
+            self.fitted.update(alpha=searched["alpha"], beta=searched["beta"])
+            self.fitted["reported"] = "after-search"
+        return self
+
+    @torch.no_grad()
+    def _accuracy(self, data: FeatureSet) -> float:
+        labels = data.labels.to(self.device)
+        return float((self.logits(data).argmax(-1) == labels).float().mean())
 
     def _keep_untrained_unless_beaten(self, untrained: Tensor, val: FeatureSet) -> None:
         """Compare the trained keys with the untrained ones on val, each after its own (β, α)

@@ -29,6 +29,9 @@ class ZeroShot(Method):
     name = "zero-shot"
     Config = ZeroShotConfig
 
+    def selection(self) -> str:
+        return "none"  # nothing is chosen
+
     def fit(self, train: FeatureSet | None, text_weights: Tensor, val: FeatureSet | None = None):
         self.text_weights = text_weights.detach().to(self.device, torch.float32)
         return self

@@ -202,7 +202,9 @@ def score(method, test_base: FeatureSet, test_novel: FeatureSet, novel_weights: 
 
 
 # -- running methods -------------------------------------------------------------------------------
-def _build(name: str, overrides: dict, *, bb, dataset: str, seed: int, device: str):
+def _build(
+    name: str, overrides: dict, *, bb, dataset: str, seed: int, device: str, recipe: str = "clean"
+):
     """The method with ``overrides``; the backbone's logit scale, the dataset name and the seed
     fill the config fields of those names unless given (as `clipadapt fit` does)."""
     from clipadapt.methods import get, get_class
@@ -214,7 +216,13 @@ def _build(name: str, overrides: dict, *, bb, dataset: str, seed: int, device: s
     values = {"scale": bb.logit_scale, "dataset": dataset, "seed": seed}
     values.update(getattr(cls, "protocol_defaults", {}).get(PROTOCOL, {}))
     filled = {k: v for k, v in values.items() if k in fields and k not in overrides}
-    return get(name, device=device, **filled, **overrides)
+    method = get(name, device=device, recipe=recipe, **filled, **overrides)
+    if method.needs_test() or method.val_source() != "fewshot":
+        raise ClipAdaptError(
+            f"{name} recipe={recipe!r}: the authors' protocol chooses on the test or whole "
+            "validation split of a few-shot run; it is not defined for base-to-novel"
+        )
+    return method
 
 
 def _subset_doc(draw: Base2Novel, classnames: list[str], shots: int, seed: int, rule: str) -> dict:
@@ -250,6 +258,7 @@ def evaluate_base2novel(
     out_dir: str | Path | None = None,
     model: str | None = None,
     device: str = "cpu",
+    recipe: str = "clean",
 ) -> list[dict]:
     """Fit every method on the base classes of ``splits`` (per seed; zero-shot once) and score
     base / novel / HM. Returns one result record per run (see clipadapt.results).
@@ -278,7 +287,9 @@ def evaluate_base2novel(
     def path_of(method: str, k: int, seed: int | None) -> Path | None:
         if runs_dir is None:
             return None
-        return runs_dir / result_filename(name, model, method, k, seed)
+        return runs_dir / result_filename(
+            name, model, method, k, seed, recipe if method != ZERO_SHOT else "clean"
+        )
 
     records, pending = [], []
     for run in plan:
@@ -302,6 +313,7 @@ def evaluate_base2novel(
             dataset=name,
             seed=seed or 1,
             device=device,
+            recipe=recipe,
         )
         extras: dict[str, Any] = {}
         if method_name == ZERO_SHOT:
@@ -352,6 +364,8 @@ def evaluate_base2novel(
             hparams=dataclasses.asdict(method.config),
             templates=templates,
             backbone=bb.identity,
+            recipe=method.recipe,
+            selection=method.selection(),
             **extras,
         )
         if out_dir is not None:
@@ -447,6 +461,7 @@ def run_bench(args) -> int:
             out_dir=args.out,
             model=args.model,
             device=args.device,
+            recipe=getattr(args, "recipe", "clean"),
         )
     table = markdown_table(records, args.methods, names)
     title = (

@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from clipadapt import recipes
 from clipadapt.data.dataset import ClassificationDataset, Item
 from clipadapt.data.streetscapes import StreetTask, find_tasks, manual_labels_root, read_task
 from clipadapt.errors import ClipAdaptError
@@ -99,23 +100,41 @@ def multiselect(pool: FeatureSet, sets: list[ClassificationDataset], views: bool
     return dataclasses.replace(pool.subset(rows), labels=labels, classnames=names)
 
 
-def run_filename(dataset: str, task: str, model: str, method: str, seed: int) -> str:
-    parts = [dataset, task, model, method, f"seed{seed}"]
-    return "__".join(re.sub(r"[^A-Za-z0-9._-]+", "-", str(p)) for p in parts) + ".json"
+def run_filename(
+    dataset: str, task: str, model: str, method: str, seed: int, recipe: str = "clean"
+) -> str:
+    parts = [re.sub(r"[^A-Za-z0-9._-]+", "-", str(p)) for p in (dataset, task, model, method)]
+    if recipe != "clean":
+        parts[3] += f"@{recipe}"
+    return "__".join([*parts, f"seed{seed}"]) + ".json"
 
 
-def build_method(name: str, hparams: dict[str, Any], *, scale: float, seed: int, device) -> Any:
+def build_method(
+    name: str,
+    hparams: dict[str, Any],
+    *,
+    scale: float,
+    seed: int,
+    device,
+    recipe: str = "clean",
+    task: str | None = None,
+) -> Any:
     """A registered method or mh-adapter-mt; the logit scale, the seed and PROTOCOL_HPARAMS
-    fill the config fields of those names unless ``hparams`` sets them."""
+    fill the config fields of those names unless ``hparams`` sets them. With the "reference"
+    recipe the mh-adapter takes the authors' per-task setting (class weighting, blend ratio,
+    heads; ``recipes.MH_TASK_RECIPES``, run-comparison.sh) for a task the authors ran."""
     config = MHAdapterConfig if name == MULTI_TASK else get_class(name).Config
     fields = {f.name for f in dataclasses.fields(config)}
     if name != MULTI_TASK and not get_class(name).learned_scale:
         fields.discard("scale")
     options = {k: v for k, v in (("scale", scale), ("seed", seed)) if k in fields}
-    options |= PROTOCOL_HPARAMS.get(name, {}) | hparams
+    options |= PROTOCOL_HPARAMS.get(name, {})
+    if recipe == "reference" and name == "mh-adapter" and task in recipes.MH_TASK_RECIPES:
+        options |= dataclasses.asdict(recipes.MH_TASK_RECIPES[task])
+    options |= hparams
     if name == MULTI_TASK:
-        return MultiTaskMHAdapter(device=device, **options)
-    return get(name, device=device, **options)
+        return MultiTaskMHAdapter(device=device, recipe=recipe, **options)
+    return get(name, device=device, recipe=recipe, **options)
 
 
 def run_streetscapes(
@@ -132,6 +151,7 @@ def run_streetscapes(
     val_fraction: float = 0.2,
     device: str | torch.device = "cpu",
     model: str | None = None,
+    recipe: str = "clean",
 ) -> list[dict]:
     """Fit and score every (task, method, seed); one result JSON per run in ``out_dir/runs``
     (a run whose JSON exists and names the same backbone weights is read back, not redone; one
@@ -139,7 +159,8 @@ def run_streetscapes(
 
     bb: the Backbone; methods: registered method names and/or ``mh-adapter-mt``; hparams:
     per method, Config overrides (mh-adapter-mt takes mh-adapter's fields); views: augmented
-    views of each train image (embedding, and patch tokens for the MH-Adapters).
+    views of each train image (embedding, and patch tokens for the MH-Adapters); recipe:
+    "clean" or "reference" (the mh-adapter's per-task setting from the authors' grid).
     """
     root = manual_labels_root(root)
     tasks = list(tasks) if tasks else find_tasks(root)
@@ -158,6 +179,7 @@ def run_streetscapes(
         val_fraction=val_fraction,
         device=device,
         runs_dir=Path(out_dir) / "runs",
+        recipe=recipes.check_recipe(recipe),
     )
     return [r for seed in seeds for r in run.seed(seed)]
 
@@ -178,9 +200,11 @@ class _Run:
     val_fraction: float
     device: str | torch.device
     runs_dir: Path
+    recipe: str = "clean"
 
     def path(self, task: str, method: str, seed: int) -> Path:
-        return self.runs_dir / run_filename(self.dataset, task, self.model, method, seed)
+        recipe = self.recipe if method != "zero-shot" else "clean"
+        return self.runs_dir / run_filename(self.dataset, task, self.model, method, seed, recipe)
 
     def features(self, street: dict[str, StreetTask]) -> tuple[FeatureSet, FeatureSet]:
         """(train pool with views, test pool): every task's images through the backbone once
@@ -245,7 +269,7 @@ class _Run:
             for t, s in street.items()
         }
 
-        def save(task: str, method: str, metrics: dict, fitted: dict, config) -> None:
+        def save(task: str, method: str, metrics: dict, fitted: dict, config, m) -> None:
             s = street[task]
             fields = dict(
                 dataset=self.dataset,
@@ -267,6 +291,8 @@ class _Run:
                 views=self.views,
                 hparams=dataclasses.asdict(config),
                 fitted=fitted,
+                recipe=m.recipe,
+                selection=m.selection(),
             )
             write_result(self.path(task, method, seed), **fields)
             done[(task, method)] = make_result(**fields)
@@ -279,6 +305,8 @@ class _Run:
                 scale=self.bb.logit_scale,
                 seed=seed,
                 device=self.device,
+                recipe=self.recipe,
+                task=task,
             )
             data = sets[task]
             with fit_threads():
@@ -288,7 +316,7 @@ class _Run:
                     val=data["val"],
                 )
             metrics = street_metrics(m.logits(data["test"]).cpu(), data["test"].labels)
-            save(task, method, metrics, m.fitted, m.config)
+            save(task, method, metrics, m.fitted, m.config, m)
         if any((t, MULTI_TASK) not in done for t, m in runs if m == MULTI_TASK):
             mt = build_method(
                 MULTI_TASK,
@@ -296,6 +324,7 @@ class _Run:
                 scale=self.bb.logit_scale,
                 seed=seed,
                 device=self.device,
+                recipe=self.recipe,
             )
             splits = {k: [street[t].splits[k] for t in self.tasks] for k in ("train", "val")}
             with fit_threads():
@@ -307,7 +336,7 @@ class _Run:
             for i, task in enumerate(self.tasks):
                 test = sets[task]["test"]
                 metrics = street_metrics(mt.logits(test)[i].cpu(), test.labels)
-                save(task, MULTI_TASK, metrics, mt.fitted, mt.config)
+                save(task, MULTI_TASK, metrics, mt.fitted, mt.config, mt)
         return [done[run] for run in runs]
 
 
@@ -401,6 +430,7 @@ def run_bench(args) -> int:
             extract_kw=extract_kwargs(args),
             device=args.device,
             model=args.model,
+            recipe=getattr(args, "recipe", "clean"),
         )
     table = markdown_table(records, methods)
     title = f"# StreetScapes protocol: test metrics (%), mean ± std over seeds {args.seeds}\n\n"
