@@ -195,6 +195,7 @@ def test_results_json(tmp_path):
         "shots": 0,
         "seed": None,
         "metrics": {"top1": 42.5},
+        "recipe": "clean",  # every result records its recipe
         "split": "test",
     }
     assert not list(tmp_path.glob("*.tmp-*"))
