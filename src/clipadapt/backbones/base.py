@@ -178,11 +178,13 @@ class Backbone:
         tokens = self._block_output(seen[-1])[:, self.prefix_tokens :].float()
         return (F.normalize(z, dim=-1) if normalize else z), tokens
 
-    def dense_features(self, x: torch.Tensor, attention: str = "csa") -> torch.Tensor:
+    def dense_features(
+        self, x: torch.Tensor, attention: str = "csa", positions: str = "exact"
+    ) -> torch.Tensor:
         """Images [B,3,H,W] -> per-patch joint-space embeddings [B,h,w,D] (backbones/dense.py)."""
         from clipadapt.backbones.dense import dense_features
 
-        return dense_features(self, x, attention)
+        return dense_features(self, x, attention, positions)
 
     def train_transform(self, kind: str = "rrc-flip") -> Callable:
         """Augmentation for cached views. ``rrc-flip`` (Tip-Adapter's): RandomResizedCrop

@@ -11,8 +11,17 @@ reusing its trained weights (SCLIP, Wang, Mei & Yuille, ECCV 2024, and its peers
                  residual and MLP dropped.
 - ``maskclip``:  the value path only, out_proj(v); residual and MLP dropped.
 
+Each rewrite equals its authors' released block (wangf3014/SCLIP clip/model.py:249-251,
+283-313; mc-lan/ClearCLIP open_clip/transformer.py:523-527, 589-622 with ignore_residual;
+sinahmr/NACLIP clip/model.py:118-119, 153-232, arch "reduced"); tests/test_dense.py checks
+each against a plain formulation of that code.
+
 Then ln_post and the projection on every token, CLS dropped, each patch L2-normalised.
-Positional embeddings are interpolated bicubically when the patch grid differs from the model's.
+Positional embeddings are interpolated bicubically when the patch grid differs from the model's:
+``positions="exact"`` (default) resizes them to the patch grid; ``positions="sclip"`` is the
+rule of the SCLIP / ClearCLIP / NACLIP code, a bicubic ``scale_factor`` of (grid + 0.1) / √N
+(N the native patch count), whose sampling positions differ slightly from the exact resize's,
+applied only when the token count differs from the native one.
 """
 
 from __future__ import annotations
@@ -24,22 +33,26 @@ from torch import Tensor, nn
 from clipadapt.errors import ClipAdaptError
 
 ATTENTIONS = ("csa", "vanilla", "clearclip", "naclip", "maskclip")
+POSITION_RULES = ("exact", "sclip")
 NACLIP_SIGMA = 5.0  # patches
 
 
 @torch.no_grad()
-def dense_features(bb, x: Tensor, attention: str = "csa") -> Tensor:
+def dense_features(bb, x: Tensor, attention: str = "csa", positions: str = "exact") -> Tensor:
     """Per-patch embeddings in the joint space.
 
     bb: a Backbone (uses ``bb.model``) or a bare open_clip CLIP model with a ViT visual tower.
     x: [B, 3, H, W] normalised images; H and W need not be the model's input size.
+    positions: how the position embedding follows another patch grid, "exact" or "sclip"
+        (the reference code's rule; see the module docstring).
     Returns [B, h, w, D] L2-normalised patch embeddings, h = H // patch, w = W // patch.
     """
     if attention not in ATTENTIONS:
         raise ClipAdaptError(f"attention={attention!r}: expected one of {', '.join(ATTENTIONS)}")
+    check_positions(positions)
     visual = _vit(getattr(bb, "model", bb))
     weight = visual.conv1.weight
-    tokens, grid = _embed(visual, x.to(weight.device, weight.dtype))
+    tokens, grid = _embed(visual, x.to(weight.device, weight.dtype), positions)
     blocks = visual.transformer.resblocks
     for block in blocks[:-1]:
         tokens = _run_block(block, tokens)
@@ -80,25 +93,60 @@ def _vit(model: nn.Module) -> nn.Module:
     return visual
 
 
-def _embed(visual: nn.Module, x: Tensor) -> tuple[Tensor, tuple[int, int]]:
+def check_positions(positions: str) -> str:
+    if positions not in POSITION_RULES:
+        raise ClipAdaptError(
+            f"positions={positions!r}: expected one of {', '.join(POSITION_RULES)}"
+        )
+    return positions
+
+
+def _embed(visual: nn.Module, x: Tensor, positions: str = "exact") -> tuple[Tensor, tuple]:
     """Patchify, prepend CLS, add (interpolated) positions, ln_pre. -> ([B, 1+h*w, W], (h, w))."""
     patches = visual.conv1(x)  # [B, W, h, w]
     grid = (patches.shape[2], patches.shape[3])
     patches = patches.flatten(2).transpose(1, 2)
     cls = visual.class_embedding.to(patches.dtype).expand(patches.shape[0], 1, -1)
     tokens = torch.cat([cls, patches], dim=1)
-    tokens = tokens + interpolate_positions(visual.positional_embedding, visual.grid_size, grid)
+    pos = interpolate_positions(visual.positional_embedding, visual.grid_size, grid, positions)
+    tokens = tokens + pos.to(tokens.dtype)
     return visual.ln_pre(tokens), grid
 
 
-def interpolate_positions(pos: Tensor, old_grid: tuple[int, int], new_grid: tuple[int, int]):
-    """Bicubic resize of the patch positions; CLS position kept. [1+g0*g1, W] -> [1+h*w, W]."""
-    if tuple(old_grid) == tuple(new_grid):
+def interpolate_positions(
+    pos: Tensor, old_grid: tuple[int, int], new_grid: tuple[int, int], rule: str = "exact"
+):
+    """Bicubic resize of the patch positions; CLS position kept. [1+g0*g1, W] -> [1+h*w, W].
+
+    rule "exact": resized to ``new_grid``, sampling at (i + 0.5) · g / h - 0.5.
+    rule "sclip": the SCLIP code's rule (clip/model.py:239-242, 263-281; the same in ClearCLIP
+    and NACLIP): unchanged when h·w equals the native patch count, else a bicubic
+    ``scale_factor`` of (h + 0.1) / √N per axis, sampling at (i + 0.5) · √N / (h + 0.1) - 0.5
+    (needs a square native grid)."""
+    if rule == "sclip":
+        if new_grid[0] * new_grid[1] == old_grid[0] * old_grid[1]:
+            return pos
+        if old_grid[0] != old_grid[1]:
+            raise ClipAdaptError(f"positions='sclip': expects a square grid, got {old_grid}")
+    elif tuple(old_grid) == tuple(new_grid):
         return pos
     cls, grid = pos[:1], pos[1:]
     width = grid.shape[-1]
     grid = grid.reshape(1, old_grid[0], old_grid[1], width).permute(0, 3, 1, 2)
-    grid = F.interpolate(grid.float(), size=new_grid, mode="bicubic", align_corners=False)
+    if rule == "sclip":
+        side = old_grid[0]
+        factor = ((new_grid[0] + 0.1) / side, (new_grid[1] + 0.1) / side)
+        grid = F.interpolate(
+            grid.float(),
+            scale_factor=factor,
+            mode="bicubic",
+            align_corners=False,
+            recompute_scale_factor=False,
+        )
+        if tuple(grid.shape[-2:]) != tuple(new_grid):  # the reference asserts the same
+            raise ClipAdaptError(f"positions='sclip': grid {tuple(grid.shape[-2:])} != {new_grid}")
+    else:
+        grid = F.interpolate(grid.float(), size=new_grid, mode="bicubic", align_corners=False)
     grid = grid.permute(0, 2, 3, 1).reshape(-1, width).to(pos.dtype)
     return torch.cat([cls, grid], dim=0)
 

@@ -35,6 +35,12 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
         help="drop classes under this fraction of the predicted foreground",
     )
     parser.add_argument("--pamr", action="store_true", help="refine with PAMR (slower)")
+    parser.add_argument(
+        "--positions",
+        choices=["exact", "sclip"],
+        help="position embedding at a crop smaller than the window: exact resize (default) or "
+        "sclip, the reference code's bicubic scale factor (grid + 0.1) / native grid",
+    )
     parser.add_argument("--batch-size", type=int, default=16, help="crops per forward")
     parser.add_argument("--cache-dir", help="query embedding cache (default ~/.cache/clipadapt)")
 
@@ -51,6 +57,7 @@ def segmenter_kwargs(args: argparse.Namespace, defaults: dict | None = None) -> 
         "bg_threshold": args.bg_threshold,
         "area_threshold": args.area_threshold,
         "pamr": args.pamr,
+        "positions": args.positions,
         "batch_size": args.batch_size,
         "cache_dir": args.cache_dir,
     }

@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from clipadapt.backbones.dense import ATTENTIONS, dense_features, patch_size
+from clipadapt.backbones.dense import ATTENTIONS, check_positions, dense_features, patch_size
 from clipadapt.errors import ClipAdaptError
 from clipadapt.segmentation.pamr import pamr
 from clipadapt.segmentation.queries import Template, parse_classes, query_embeddings
@@ -42,7 +42,11 @@ class Segmenter:
     scale: softmax temperature on the cosine logits. bg_threshold: pixels whose best class
         probability is under it become class 0. area_threshold: classes other than 0 whose
         predicted area is under this fraction of the predicted foreground are dropped.
-    pamr: refine the logits with PAMR before the softmax (slow; off in the published numbers).
+    pamr: refine the logits with PAMR before the softmax (slow; off in SCLIP's published
+        numbers, on in NACLIP's: its naclip.py:21 defaults to 10 PAMR steps).
+    positions: the position embedding at a crop of another size than the model's (an image
+        smaller than the window): "exact" resize (default) or "sclip", the reference code's
+        rule (backbones/dense.py).
     batch_size: crops per backbone forward. templates: prompt templates (80 OpenAI ones).
     cache_dir: the query embedding cache (default ~/.cache/clipadapt/queries or
         $CLIPADAPT_CACHE/queries).
@@ -54,6 +58,7 @@ class Segmenter:
         classes: str | os.PathLike | Sequence[str],
         *,
         attention: str = "csa",
+        positions: str = "exact",
         window: int | None = None,
         stride: int | None = None,
         short_side: int | None = None,
@@ -74,6 +79,7 @@ class Segmenter:
         self.bb = bb
         self.patch = patch_size(bb)  # raises for non-ViT towers
         self.attention = attention
+        self.positions = check_positions(positions)
         self.window = int(bb.image_size if window is None else window)
         self.stride = int(max(self.window // 2, 1) if stride is None else stride)
         self.short_side = int(round(1.5 * self.window) if short_side is None else short_side)
@@ -171,7 +177,8 @@ class Segmenter:
             crops = torch.stack(
                 [x[:, top:bottom, left:right] for top, left, bottom, right in batch]
             )
-            cos.append(dense_features(self.bb, crops, self.attention) @ self.queries.T)
+            feats = dense_features(self.bb, crops, self.attention, self.positions)
+            cos.append(feats @ self.queries.T)
         cos = torch.cat(cos)  # [n, gh, gw, Q], windows row by row
         tops = window_starts(h, self.window, self.stride)
         lefts = window_starts(w, self.window, self.stride)
