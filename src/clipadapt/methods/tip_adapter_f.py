@@ -155,10 +155,11 @@ class TipAdapterF(TipAdapter):
             **{k: v for k, v in searched.items() if k not in ("alpha", "beta")},
         }
         if result.best_score > after_search:  # max(best_acc, acc): the initial (α, β) win
-            self.fitted.update(alpha=alpha, beta=beta, reported="best-epoch")
+            final, reported = (alpha, beta), "best-epoch"
         else:
-            self.fitted.update(alpha=searched["alpha"], beta=searched["beta"])
-            self.fitted["reported"] = "after-search"
+            final, reported = (searched["alpha"], searched["beta"]), "after-search"
+        self.alpha, self.beta = final
+        self.fitted.update(alpha=final[0], beta=final[1], reported=reported)
         return self
 
     @torch.no_grad()
