@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from test_cli_fewshot import _backbone_args, world  # noqa: F401  (module fixture)
+from test_cli_fewshot import _backbone_args, _fit, world  # noqa: F401  (module fixture)
 from test_methods import synthetic_task
 
 from clipadapt import cli
@@ -162,3 +162,19 @@ def test_bench_reference_recipe_records_and_marks_test_selection(world, tmp_path
     table = (out / "results.md").read_text()
     assert "| tip-adapter-f (reference) † | 2 |" in table and TEST_NOTE in table
     assert "| tip-adapter-f | 2 |" not in table  # one recipe per table
+
+
+def test_fit_reference_warns_and_eval_records_the_recipe(world, tmp_path, capsys):  # noqa: F811
+    out = tmp_path / "ref"
+    extra = ["--hparam", "steps=20,5", "--hparam", "epochs=2", "--recipe", "reference"]
+    assert _fit(world, out, "tip-adapter-f", *extra) == 0
+    assert "the test set chose this model" in capsys.readouterr().out
+    doc = json.loads((out / "config.json").read_text())
+    assert doc["recipe"] == "reference" and doc["meta"]["selection"] == "test"
+    assert doc["meta"]["val_images"] == 6  # the whole validation split (2 per class)
+    result = tmp_path / "result.json"
+    argv = ["eval", "--adapter", str(out), "--data", str(world["toy_a"]), "--split", "test"]
+    argv += ["--cache", str(world["cache"]), "--num-workers", "0", "--out", str(result)]
+    assert cli.main(argv) == 0
+    record = json.loads(result.read_text())
+    assert (record["recipe"], record["selection"]) == ("reference", "test")

@@ -102,6 +102,8 @@ def run(args: argparse.Namespace) -> int:
             shots=method.meta.get("shots"),
             seed=method.meta.get("seed"),
             metrics=metrics,
+            recipe=method.recipe,
+            selection=method.meta.get("selection", method.selection()),
             split=args.split,
             adapter=str(args.adapter),
             skipped=[{"path": b["path"], "reason": b["reason"]} for b in stats.get("bad", [])],

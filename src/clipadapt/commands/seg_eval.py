@@ -73,6 +73,7 @@ def run(args: argparse.Namespace) -> int:
         shots=None,
         seed=None,
         metrics={"mIoU": metrics["mIoU"], "aAcc": metrics["aAcc"]},
+        selection="none",
         per_class_iou=metrics["per_class_iou"],
         images=metrics["images"],
         split=args.split,

@@ -74,6 +74,7 @@ def run(args: argparse.Namespace) -> int:
         shots=0,
         seed=None,
         metrics=metrics,
+        selection="none",
         split=args.split,
         templates=templates,
         skipped=[{"path": b["path"], "reason": b["reason"]} for b in stats["bad"]],
