@@ -25,33 +25,15 @@ from tqdm.auto import tqdm
 
 from clipadapt.errors import ClipAdaptError
 from clipadapt.features.featureset import FeatureSet
-
-OPTIMIZERS = ("adamw", "adam", "sgd")
-SCHEDULES = ("cosine", "constant")
-LR_STEPS = ("iteration", "epoch")
-WARMUP_TYPES = ("linear", "constant")
+from clipadapt.hparams import TrainHParams
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(TrainHParams):
+    """What ``train`` runs with: the training hyper-parameters (clipadapt.hparams) of a method's
+    Config, plus where and how it reports."""
+
     epochs: int = 20
-    batch_size: int = 256
-    optimizer: str = "adamw"  # adamw | adam | sgd
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    momentum: float = 0.9  # sgd only
-    eps: float = 1e-8  # adam/adamw only
-    warmup_epochs: float = 0.0  # linear warm-up from 0, then cosine to 0 (per iteration)
-    # "cosine" (after the warm-up) or "constant" (the base lr throughout, no warm-up)
-    schedule: str = "cosine"
-    # "iteration": the lr changes every step; "epoch": once per epoch, as Dassl's trainers
-    # (CoOp, CLIP-Adapter, CLIP-MHAdapter) do: see ``dassl_lr``
-    lr_step: str = "iteration"
-    warmup_type: str = "linear"  # per-epoch warm-up: "linear" (Dassl) or "constant"
-    warmup_lr: float = 1e-5  # per-epoch warm-up: Dassl's WARMUP_MIN_LR / WARMUP_CONS_LR
-    patience: int | None = None  # stop after this many epochs without a better val score
-    use_views: bool = True  # draw a random augmented view per sample each epoch
-    seed: int = 1
     device: str | torch.device = "cpu"
     progress: bool | None = None  # tqdm bar; None: only on a terminal
     desc: str = "train"
@@ -64,24 +46,9 @@ class TrainConfig:
         return cls(**{**values, **overrides})
 
     def __post_init__(self) -> None:
-        if self.optimizer not in OPTIMIZERS:
-            raise ClipAdaptError(
-                f"optimizer={self.optimizer!r}: expected one of {', '.join(OPTIMIZERS)}"
-            )
-        for key in ("epochs", "batch_size"):
-            if getattr(self, key) < 1:
-                raise ClipAdaptError(f"{key}={getattr(self, key)}: expected a positive integer")
-        if self.lr <= 0:
-            raise ClipAdaptError(f"lr={self.lr}: expected a positive learning rate")
-        for key, allowed in (
-            ("schedule", SCHEDULES),
-            ("lr_step", LR_STEPS),
-            ("warmup_type", WARMUP_TYPES),
-        ):
-            if getattr(self, key) not in allowed:
-                raise ClipAdaptError(
-                    f"{key}={getattr(self, key)!r}: expected one of {', '.join(allowed)}"
-                )
+        super().__post_init__()
+        if self.epochs is None:
+            raise ClipAdaptError("epochs=None: expected a positive integer")
 
 
 _fit_threads: int | None = None

@@ -74,9 +74,36 @@ def add_fit_threads_option(p: argparse.ArgumentParser) -> None:
     )
 
 
+class HelpHparams(argparse.Action):
+    """``--help-hparams``: print the hyper-parameters of ``--method`` (given before it; of
+    every method without it) with their defaults and help, then exit."""
+
+    def __init__(self, option_strings, dest, **kwargs) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        from clipadapt.hparams import help_text
+        from clipadapt.methods import get_class, names
+
+        chosen = getattr(namespace, "method", None)
+        try:
+            classes = [get_class(m) for m in ([chosen] if chosen else names())]
+        except ClipAdaptError as e:
+            parser.error(str(e))
+        for cls in classes:
+            print(f"{cls.name} (--hparam KEY=VALUE; default, then help):")
+            print(help_text(cls.Config))
+        parser.exit()
+
+
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("fit", help="fit a few-shot adapter", description=__doc__)
     p.add_argument("--method", required=True, help="zero-shot, linear-probe, tip-adapter, ...")
+    p.add_argument(
+        "--help-hparams",
+        action=HelpHparams,
+        help="list the hyper-parameters of --method (put it after --method) and exit",
+    )
     p.add_argument("--data", required=True, help="dataset folder (CoOp layout, split json, ...)")
     p.add_argument("--shots", type=int, required=True, help="training images per class")
     p.add_argument("--seed", type=int, default=1, help="few-shot draw and training seed")

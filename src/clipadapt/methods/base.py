@@ -22,8 +22,10 @@ from torch import Tensor
 
 from clipadapt.errors import ClipAdaptError
 from clipadapt.features.featureset import FeatureSet, as_features
+from clipadapt.hparams import one_line
 from clipadapt.io import atomic_write, read_json, write_json
 from clipadapt.recipes import check_recipe
+from clipadapt.zeroshot import zero_shot_logits
 
 FORMAT = "clipadapt-adapter/1"
 CONFIG_FILE = "config.json"
@@ -46,6 +48,10 @@ class Method:
     # False: ``fit`` takes each class's mean of *unnormalised* template embeddings as its text
     # weights (CLAP, TaskRes train from those), not the unit-norm zero-shot classifier.
     unit_text: ClassVar[bool] = True
+    # How ``novel_logits`` scores classes the method was not fitted on, in words (tables).
+    novel_rule: ClassVar[str] = "zero-shot fallback (no weights for unseen classes)"
+    # True for a method fitted on several tasks at once (labels [N, T], one classifier per task)
+    multi_task: ClassVar[bool] = False
 
     def __init__(
         self, device: str | torch.device = "cpu", recipe: str = "clean", **hparams: Any
@@ -97,6 +103,14 @@ class Method:
         """What chose among candidates while fitting: "test" when test data did (then the
         reported accuracy is not a held-out estimate), else "val"."""
         return "test" if self.needs_test() or self.val_source() == "test" else "val"
+
+    def novel_logits(self, features: Tensor | FeatureSet, weights: Tensor) -> Tensor:
+        """Logits [N, C'] for classes the method was not fitted on (base-to-novel), given their
+        zero-shot classifier ``weights`` [C', D]. Default: the zero-shot classifier alone, at
+        the method's logit scale; a method that can adapt to new class texts overrides it."""
+        return zero_shot_logits(
+            as_features(features).to(self.device), weights.to(self.device), self.config.scale
+        )
 
     def extract_options(self, train: bool) -> dict[str, Any]:
         """Keyword arguments for ``clipadapt.features.extract``: what this method needs cached
@@ -195,9 +209,9 @@ def parse_hparams(method_name: str, pairs: list[str]) -> dict[str, Any]:
         key, sep, text = pair.partition("=")
         key = key.strip().replace("-", "_")
         if not sep or key not in hints:
-            allowed = ", ".join(f.name for f in dataclasses.fields(cls.Config))
             raise ClipAdaptError(
-                f"--hparam {pair!r}: expected key=value with key one of: {allowed}"
+                f"--hparam {pair!r}: expected key=value, the keys of {method_name} (default, "
+                f"help): {one_line(cls.Config)}"
             )
         try:
             out[key] = _coerce(hints[key], text.strip())

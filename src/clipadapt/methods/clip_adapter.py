@@ -27,35 +27,33 @@ from torch import Tensor, nn
 from clipadapt import train as training
 from clipadapt.errors import ClipAdaptError
 from clipadapt.features.featureset import FeatureSet, as_features
+from clipadapt.hparams import TrainHParams, hp
 from clipadapt.methods import register
 from clipadapt.methods.base import Method
+from clipadapt.zeroshot import zero_shot_logits
 
 SELECT_EPOCH = ("last", "val")
 
 
 @dataclass
-class ClipAdapterConfig:
-    ratio: float = 0.2  # r: 0.2 generic data, 0.6-0.8 fine-grained / far-domain
-    reduction: int = 4  # bottleneck D -> D / reduction
-    scale: float = 100.0  # the protocols fill the backbone's exp(logit_scale) (OpenAI: 100)
+class ClipAdapterConfig(TrainHParams):
+    ratio: float = hp(0.2, "residual ratio r: 0.2 generic data, 0.6-0.8 fine-grained/far-domain")
+    reduction: int = hp(4, "bottleneck D -> D / reduction")
+    scale: float = hp(100.0, "logit scale s; the protocols fill the backbone's exp(logit_scale)")
+    select_epoch: str = hp("last", "last (the released code) or val (best validation accuracy)")
+    # the released recipe (CoOp configs/trainers/CoOp/rn50.yaml through Dassl): SGD, one
+    # warm-up epoch at a constant 1e-5, then cosine over 200 epochs, stepped once per epoch
     epochs: int = 200
     batch_size: int = 32
     optimizer: str = "sgd"
     lr: float = 2e-3
-    momentum: float = 0.9
     weight_decay: float = 5e-4
-    # CoOp configs/trainers/CoOp/rn50.yaml: one warm-up epoch at a constant 1e-5, then cosine
-    # over 200 epochs, stepped once per epoch (Dassl)
     warmup_epochs: float = 1.0
     warmup_type: str = "constant"
-    warmup_lr: float = 1e-5
-    lr_step: str = "epoch"  # "iteration": the cosine changes every step instead
-    patience: int | None = None
-    use_views: bool = True
-    select_epoch: str = "last"  # "last" (the released code) or "val" (best validation accuracy)
-    seed: int = 1
+    lr_step: str = "epoch"
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.select_epoch not in SELECT_EPOCH:
             raise ClipAdaptError(
                 f"select_epoch={self.select_epoch!r}: expected one of {', '.join(SELECT_EPOCH)}"
@@ -100,6 +98,7 @@ class ClipAdapter(Method):
     name = "clip-adapter"
     Config = ClipAdapterConfig
     default_views = 10
+    novel_rule = "adapted image features x zero-shot classifier"
 
     def _head(self, text_weights: Tensor, generator: torch.Generator | None = None):
         c = self.config
@@ -123,6 +122,12 @@ class ClipAdapter(Method):
         if not hasattr(self, "head"):
             raise ClipAdaptError("clip-adapter: call fit(...) or load_adapter(...) first")
         return self.head(as_features(features).to(self.device, torch.float32))
+
+    @torch.no_grad()
+    def novel_logits(self, features: Tensor | FeatureSet, weights: Tensor) -> Tensor:
+        """The adapted features x' against another class set's zero-shot classifier."""
+        adapted = self.head.adapt(as_features(features).to(self.device, torch.float32))
+        return zero_shot_logits(adapted, weights.to(self.device), self.config.scale)
 
     def state_tensors(self) -> dict[str, Tensor]:
         return dict(self.head.state_dict())

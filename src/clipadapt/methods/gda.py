@@ -30,8 +30,8 @@ from torch import Tensor
 
 from clipadapt.errors import ClipAdaptError
 from clipadapt.features.featureset import FeatureSet, as_features
+from clipadapt.hparams import hp
 from clipadapt.methods import register, search
-from clipadapt.methods._fields import hp
 from clipadapt.methods.base import Method
 
 ALPHAS = (1e-4, 1e-3, 1e-2, 0.1, 1.0, 10.0, 100.0)  # main_few_shots.py:69

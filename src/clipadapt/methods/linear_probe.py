@@ -19,20 +19,24 @@ from torch import Tensor
 
 from clipadapt.errors import ClipAdaptError
 from clipadapt.features.featureset import FeatureSet
+from clipadapt.hparams import HParams, hp
 from clipadapt.methods import register
 from clipadapt.methods.base import Method
 
 
 @dataclass
-class LinearProbeConfig:
-    l2: float = 1e-4  # λ when there is no validation set (or search=False)
-    search: bool = True
-    l2_grid: tuple[float, ...] = (1e-1, 1e-2, 1e-3, 1e-4, 1e-5, 1e-6, 1e-7)
-    init: str = "text"  # "text" (W = s·W_text) or "zeros"
-    scale: float = 100.0  # only for init="text"
-    max_iter: int = 500
+class LinearProbeConfig(HParams):
+    l2: float = hp(1e-4, "L2 weight λ when there is no validation set (or search=false)")
+    search: bool = hp(True, "choose λ from l2_grid by validation accuracy")
+    l2_grid: tuple[float, ...] = hp(
+        (1e-1, 1e-2, 1e-3, 1e-4, 1e-5, 1e-6, 1e-7), "the λ values searched"
+    )
+    init: str = hp("text", "text (W = s·W_text) or zeros")
+    scale: float = hp(100.0, "logit scale s of the text initialisation (init=text only)")
+    max_iter: int = hp(500, "L-BFGS iterations")
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.init not in ("text", "zeros"):
             raise ClipAdaptError(f"init={self.init!r}: expected 'text' or 'zeros'")
         if self.l2 < 0 or any(v < 0 for v in self.l2_grid):

@@ -35,37 +35,34 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from clipadapt import recipes
 from clipadapt import train as training
 from clipadapt.errors import ClipAdaptError
 from clipadapt.features.featureset import FeatureSet
+from clipadapt.hparams import TrainHParams, hp
 from clipadapt.methods import register
 from clipadapt.methods.base import Method
 
 
 @dataclass
-class MHAdapterConfig:
-    ratio: float = 0.2  # r, the adapter's weight in the blend (the paper tries 0.2 and 0.8)
-    heads: int = 4  # the reference's default (per-task grid 4, 8, 16: clipadapt.recipes)
-    hidden: int = 256  # bottleneck width (ViT-B/16: 768 -> 256 -> 512)
-    dropout: float = 0.1
-    tokens_layer: int = -2  # block whose output holds the patch tokens (-2: second-to-last)
-    class_weights: bool = False  # inverse-frequency weights in the cross-entropy
-    scale: float = 100.0  # the protocols fill the backbone's exp(logit_scale) (OpenAI: 100)
+class MHAdapterConfig(TrainHParams):
+    ratio: float = hp(0.2, "r, the adapter's weight in the blend (the paper tries 0.2 and 0.8)")
+    heads: int = hp(4, "attention heads (the reference's default; per-task grid 4, 8, 16)")
+    hidden: int = hp(256, "bottleneck width (ViT-B/16: 768 -> 256 -> 512)")
+    dropout: float = hp(0.1, "dropout on the attention output")
+    tokens_layer: int = hp(-2, "block whose output holds the patch tokens (-2: second-to-last)")
+    class_weights: bool = hp(False, "inverse-frequency class weights in the cross-entropy")
+    scale: float = hp(100.0, "logit scale s; the protocols fill the backbone's exp(logit_scale)")
+    # the released recipe: AdamW, 100 epochs, 5 linear warm-up epochs from 1e-5 then cosine,
+    # stepped once per epoch (Dassl), early stopping after 10
     epochs: int = 100
-    batch_size: int = 256
-    optimizer: str = "adamw"
     lr: float = 5e-4
     weight_decay: float = 5e-4
-    warmup_epochs: float = 5.0  # linear (epoch 0 at 1e-5), then cosine; Dassl, once per epoch
-    warmup_type: str = "linear"
-    warmup_lr: float = 1e-5
-    lr_step: str = "epoch"  # "iteration": the cosine changes every step instead
+    warmup_epochs: float = 5.0
+    lr_step: str = "epoch"
     patience: int | None = 10
-    use_views: bool = True
-    seed: int = 1
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if not 0.0 <= self.ratio <= 1.0:
             raise ClipAdaptError(f"ratio={self.ratio}: expected a value in [0, 1]")
         if not 0.0 <= self.dropout < 1.0:
@@ -232,7 +229,8 @@ class MHAdapter(Method):
         self.head.eval()
 
 
-class MultiTaskMHAdapter:
+@register
+class MultiTaskMHAdapter(MHAdapter):
     """One MH-Adapter trunk shared by T tasks, each with its own text classifier.
 
     fit(train, text_weights, val): ``train.labels`` [N, T] with -1 where an image has no label
@@ -243,14 +241,7 @@ class MultiTaskMHAdapter:
     """
 
     name = "mh-adapter-mt"
-
-    def __init__(
-        self, device: str | torch.device = "cpu", recipe: str = "clean", **hparams: Any
-    ) -> None:
-        self.config = MHAdapterConfig(**hparams)
-        self.device = torch.device(device)
-        self.recipe = recipes.check_recipe(recipe)  # beyond the paper: no reference of its own
-        self.fitted: dict[str, Any] = {}
+    multi_task = True  # beyond the paper: no reference recipe of its own
 
     def selection(self) -> str:
         return "val"
@@ -309,6 +300,17 @@ class MultiTaskMHAdapter:
         )
         self.head.train(was_training)
         return [out[:, block] for block in self._blocks()]
+
+    def novel_logits(self, features: FeatureSet, weights: Tensor) -> Tensor:
+        raise ClipAdaptError(f"{self.name}: a multi-task method has no single class set")
+
+    def state_tensors(self) -> dict[str, Tensor]:
+        return {**self.head.state_dict(), "task_sizes": torch.tensor(self.sizes)}
+
+    def load_state_tensors(self, tensors: dict[str, Tensor]) -> None:
+        tensors = dict(tensors)
+        self.sizes = [int(n) for n in tensors.pop("task_sizes")]
+        super().load_state_tensors(tensors)
 
     def accuracies(self, data: FeatureSet) -> list[float]:
         """Per task, top-1 accuracy in [0, 1] over the rows labelled for it (labels [N, T])."""

@@ -50,6 +50,7 @@ from torch import Tensor, nn
 from clipadapt import train as training
 from clipadapt.errors import ClipAdaptError
 from clipadapt.features.featureset import FeatureSet, as_features
+from clipadapt.hparams import TrainHParams, hp
 from clipadapt.methods import register
 from clipadapt.methods.base import Method
 
@@ -66,27 +67,25 @@ MASKS: dict[str, dict[str, float]] = {
 
 
 @dataclass
-class MMAdapterConfig:
-    blend: float = 0.2  # λ: weight of the adapter's output in the blend
-    mask: str = "bias"  # attention pattern: "bias" (+1 on text<->image) or "hard"
-    hidden: int = 32  # down/up projection bottleneck
-    width: int = 128  # attention width d
-    heads: int = 4
-    scale: float = 100.0  # the protocols fill the backbone's exp(logit_scale) (OpenAI: 100)
+class MMAdapterConfig(TrainHParams):
+    blend: float = hp(0.2, "λ: weight of the adapter's output in the blend")
+    mask: str = hp("bias", "attention pattern: bias (+1 on text<->image) or hard")
+    hidden: int = hp(32, "down/up projection bottleneck")
+    width: int = hp(128, "attention width d")
+    heads: int = hp(4, "attention heads")
+    scale: float = hp(100.0, "logit scale s; the protocols fill the backbone's exp(logit_scale)")
+    # the released runs: Adam, 200 epochs, early stopping after 20, no augmentation, and a
+    # constant lr (the scheduler call is commented out, mm_adapter/pipelines/train.py:208)
     epochs: int = 200
-    batch_size: int = 256
     optimizer: str = "adam"
     lr: float = 5e-3
     weight_decay: float = 1e-4
-    warmup_epochs: float = 0.0
-    # the released runs keep the lr constant (the scheduler call is commented out,
-    # mm_adapter/pipelines/train.py:208); "cosine": cosine to 0 per iteration
     schedule: str = "constant"
     patience: int | None = 20
-    use_views: bool = False  # no augmentation
-    seed: int = 1
+    use_views: bool = False
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if not 0.0 <= self.blend <= 1.0:
             raise ClipAdaptError(f"blend={self.blend}: expected a value in [0, 1]")
         if self.mask not in MASKS:
@@ -199,6 +198,7 @@ class MMAdapterHead(nn.Module):
 @register
 class MMAdapter(Method):
     name = "mm-adapter"
+    novel_rule = "adapted: novel texts in the attention sequence"
     Config = MMAdapterConfig
 
     def _head(self, text_weights: Tensor) -> MMAdapterHead:
@@ -216,6 +216,10 @@ class MMAdapter(Method):
         return self
 
     @torch.no_grad()
+    def novel_logits(self, features: Tensor | FeatureSet, weights: Tensor) -> Tensor:
+        """The novel class texts go through the attention with each image."""
+        return self.logits(features, text_weights=weights)
+
     def logits(self, features: Tensor | FeatureSet, text_weights: Tensor | None = None) -> Tensor:
         """[N, D] unnormalised embeddings -> [N, C]; ``text_weights`` [C', D] (L2-normalised
         rows) puts another class set in the sequence, e.g. unseen classes -> [N, C']."""

@@ -27,8 +27,8 @@ from torch import Tensor
 from clipadapt import recipes
 from clipadapt.errors import ClipAdaptError
 from clipadapt.features.featureset import FeatureSet
+from clipadapt.hparams import hp
 from clipadapt.methods import register, search
-from clipadapt.methods._fields import hp
 from clipadapt.methods.base import Method
 from clipadapt.methods.gda import support_samples
 

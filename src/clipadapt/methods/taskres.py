@@ -22,8 +22,8 @@ from clipadapt import recipes
 from clipadapt import train as training
 from clipadapt.errors import ClipAdaptError
 from clipadapt.features.featureset import FeatureSet, as_features
+from clipadapt.hparams import hp
 from clipadapt.methods import register
-from clipadapt.methods._fields import hp
 from clipadapt.methods.base import Method
 
 

@@ -26,6 +26,7 @@ from torch import Tensor
 from clipadapt import recipes
 from clipadapt.errors import ClipAdaptError
 from clipadapt.features.featureset import FeatureSet
+from clipadapt.hparams import HParams, hp
 from clipadapt.methods import register, search
 from clipadapt.methods.base import Method
 
@@ -197,17 +198,18 @@ def grid_correct_counts(
 
 
 @dataclass
-class TipAdapterConfig:
-    alpha: float | None = None  # residual ratio; None: the dataset's init_alpha (recipes)
-    beta: float | None = None  # sharpness; None: the dataset's init_beta (recipes)
-    scale: float = 100.0  # a constant in the reference code, not the backbone's logit scale
-    search: bool = True  # search (β, α) on the validation set when one is given
-    dataset: str | None = None  # picks the per-dataset recipe (clipadapt.recipes)
-    beta_max: float | None = None  # override the dataset's range
-    alpha_max: float | None = None
-    steps: tuple[int, int] = (200, 20)
+class TipAdapterConfig(HParams):
+    alpha: float | None = hp(None, "residual ratio α; None: the dataset's init_alpha (recipes)")
+    beta: float | None = hp(None, "sharpness β; None: the dataset's init_beta (recipes)")
+    scale: float = hp(100.0, "logit scale: a constant in the reference code, not the backbone's")
+    search: bool = hp(True, "search (β, α) on the validation set when one is given")
+    dataset: str | None = hp(None, "picks the per-dataset recipe (clipadapt.recipes)")
+    beta_max: float | None = hp(None, "top of the β search range; None: the dataset's")
+    alpha_max: float | None = hp(None, "top of the α search range; None: the dataset's")
+    steps: tuple[int, int] = hp((200, 20), "grid points of the β and α searches")
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if len(self.steps) != 2 or min(self.steps) < 1:
             raise ClipAdaptError(f"steps={self.steps}: expected two positive integers")
 
@@ -232,6 +234,7 @@ class TipAdapter(Method):
     name = "tip-adapter"
     Config = TipAdapterConfig
     learned_scale = False  # the reference multiplies by a constant 100 (main.py:32, 93, 116)
+    novel_rule = "zero-shot (cache has base classes only)"  # its term adds nothing to them
     default_views = 10  # A: augmented passes averaged into each cache key
 
     def val_source(self) -> str:
@@ -250,9 +253,10 @@ class TipAdapter(Method):
         return self
 
     def _search(self, val: FeatureSet | None) -> None:
-        """Set the final (α, β): searched on ``val`` if given, else the config's."""
-        alpha, beta = self.config.initial()
-        self.fitted.update(alpha=alpha, beta=beta)
+        """Set the final (α, β): searched on ``val`` if given, else the config's; ``fitted``
+        reports them."""
+        self.alpha, self.beta = self.config.initial()
+        self.fitted.update(alpha=self.alpha, beta=self.beta)
         if val is not None and self.config.search:
             beta_max, alpha_max = self.config.search_range()
             beta, alpha, acc = search_hparams(
@@ -266,6 +270,7 @@ class TipAdapter(Method):
                 self.config.steps,
                 self.config.scale,
             )
+            self.alpha, self.beta = alpha, beta
             self.fitted.update(
                 alpha=alpha, beta=beta, val_accuracy=acc, search=[beta_max, alpha_max]
             )
@@ -280,15 +285,24 @@ class TipAdapter(Method):
             self.keys,
             self.values,
             self.text_weights,
-            self.fitted["alpha"],
-            self.fitted["beta"],
+            self.alpha,
+            self.beta,
             self.config.scale,
         )
 
     def state_tensors(self) -> dict[str, Tensor]:
-        return {"keys": self.keys, "values": self.values, "text_weights": self.text_weights}
+        return {
+            "keys": self.keys,
+            "values": self.values,
+            "text_weights": self.text_weights,
+            "alpha": torch.tensor(self.alpha, dtype=torch.float64),
+            "beta": torch.tensor(self.beta, dtype=torch.float64),
+        }
 
     def load_state_tensors(self, tensors: dict[str, Tensor]) -> None:
         self.keys = tensors["keys"].to(self.device, torch.float32)
         self.values = tensors["values"].to(self.device, torch.float32)
         self.text_weights = tensors["text_weights"].to(self.device, torch.float32)
+        # adapters saved before α, β were tensors carry them only in the fitted report
+        self.alpha = float(tensors["alpha"]) if "alpha" in tensors else self.fitted["alpha"]
+        self.beta = float(tensors["beta"]) if "beta" in tensors else self.fitted["beta"]

@@ -34,6 +34,7 @@ from clipadapt import recipes
 from clipadapt import train as training
 from clipadapt.errors import ClipAdaptError
 from clipadapt.features.featureset import FeatureSet
+from clipadapt.hparams import TrainHParams, hp
 from clipadapt.methods import register
 from clipadapt.methods.tip_adapter import (
     TipAdapter,
@@ -44,17 +45,11 @@ from clipadapt.methods.tip_adapter import (
 
 
 @dataclass
-class TipAdapterFConfig(TipAdapterConfig):
-    epochs: int | None = None  # None: the dataset's train_epoch (20; EuroSAT 100)
-    batch_size: int = 256
-    optimizer: str = "adamw"
-    lr: float = 1e-3
+class TipAdapterFConfig(TipAdapterConfig, TrainHParams):
+    epochs: int | None = hp(None, "training epochs; None: the dataset's train_epoch (recipes)")
+    # the released recipe: AdamW lr 1e-3, eps 1e-4, weight decay 0.01, cosine per iteration
     eps: float = 1e-4
     weight_decay: float = 0.01
-    warmup_epochs: float = 0.0
-    patience: int | None = None
-    use_views: bool = True
-    seed: int = 1
 
     def resolved_epochs(self) -> int:
         if self.epochs is not None:
@@ -171,10 +166,12 @@ class TipAdapterF(TipAdapter):
         """Compare the trained keys with the untrained ones on val, each after its own (β, α)
         search; keep the untrained keys (epoch 0) unless the trained ones score higher."""
         trained_keys, trained = self.keys, dict(self.fitted)
+        trained_hparams = self.alpha, self.beta
         self.keys = untrained
         self._search(val)
         if trained["val_accuracy"] > self.fitted["val_accuracy"]:
             self.keys, self.fitted = trained_keys, trained
+            self.alpha, self.beta = trained_hparams
             return
         self.fitted.update(
             epoch=0, trained_epoch=trained["epoch"], trained_val_accuracy=trained["val_accuracy"]

@@ -8,16 +8,19 @@ import torch
 from torch import Tensor
 
 from clipadapt.errors import ClipAdaptError
-from clipadapt.features.featureset import FeatureSet
+from clipadapt.features.featureset import FeatureSet, as_features
+from clipadapt.hparams import HParams, hp
 from clipadapt.methods import register
 from clipadapt.methods.base import Method
+from clipadapt.zeroshot import zero_shot_logits
 
 
 @dataclass
-class ZeroShotConfig:
-    scale: float = 100.0  # logit scale s (callers set the backbone's)
+class ZeroShotConfig(HParams):
+    scale: float = hp(100.0, "logit scale s; the protocols fill the backbone's exp(logit_scale)")
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.scale <= 0:
             raise ClipAdaptError(f"scale={self.scale}: expected a positive logit scale")
 
@@ -28,6 +31,7 @@ class ZeroShot(Method):
 
     name = "zero-shot"
     Config = ZeroShotConfig
+    novel_rule = "zero-shot classifier"
 
     def selection(self) -> str:
         return "none"  # nothing is chosen
@@ -40,7 +44,9 @@ class ZeroShot(Method):
         """[N, D] -> [N, C] = s · normalise(f) Wᵀ."""
         if not hasattr(self, "text_weights"):
             raise ClipAdaptError("zero-shot: call fit(...) or load_adapter(...) before logits")
-        return self.config.scale * self._inputs(features) @ self.text_weights.T
+        return zero_shot_logits(
+            as_features(features).to(self.device), self.text_weights, self.config.scale
+        )
 
     def state_tensors(self) -> dict[str, Tensor]:
         return {"text_weights": self.text_weights}

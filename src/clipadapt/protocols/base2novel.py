@@ -32,13 +32,11 @@ import random
 import statistics
 import warnings
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
@@ -149,49 +147,18 @@ def base2novel_split(
 
 
 # -- novel classes: what each method can do with classes it never saw ---------------------------
-NovelFn = Callable[[Any, Tensor, Tensor], Tensor]
-
-
-def _zero_shot(method, features: Tensor, weights: Tensor) -> Tensor:
-    f = F.normalize(features.to(method.device, torch.float32), dim=-1)
-    return method.config.scale * f @ weights.to(method.device, torch.float32).T
-
-
-def _mm_adapter(method, features: Tensor, weights: Tensor) -> Tensor:
-    return method.logits(features, text_weights=weights)
-
-
-@torch.no_grad()
-def _clip_adapter(method, features: Tensor, weights: Tensor) -> Tensor:
-    adapted = method.head.adapt(features.to(method.device, torch.float32))
-    return _zero_shot(method, adapted, weights)
-
-
-def _own(method, features: Tensor, weights: Tensor) -> Tensor:
-    return method.novel_logits(features, weights)
-
-
-NOVEL_RULES: dict[str, tuple[NovelFn, str]] = {
-    "gda": (_own, "synthesised Gaussians: novel texts + nearest base samples (GDA's base2new)"),
-    ZERO_SHOT: (_zero_shot, "zero-shot classifier"),
-    "mm-adapter": (_mm_adapter, "adapted: novel texts in the attention sequence"),
-    "clip-adapter": (_clip_adapter, "adapted image features x zero-shot classifier"),
-    "tip-adapter": (_zero_shot, "zero-shot (cache has base classes only)"),
-    "tip-adapter-f": (_zero_shot, "zero-shot (cache has base classes only)"),
-}
-FALLBACK = (_zero_shot, "zero-shot fallback (no weights for unseen classes)")
-
-
 def novel_rule(method_name: str) -> str:
-    """How ``method_name`` is evaluated on novel classes, in words."""
-    return NOVEL_RULES.get(method_name, FALLBACK)[1]
+    """How ``method_name`` is evaluated on novel classes, in words (its ``novel_rule``)."""
+    from clipadapt.methods import get_class
+
+    return get_class(method_name).novel_rule
 
 
 def novel_logits(method, features: Tensor | FeatureSet, novel_weights: Tensor) -> Tensor:
     """[N, D] unnormalised embeddings of novel-class images -> [N, C_novel] logits of a method
-    fitted on base classes; novel_weights [C_novel, D] the novel zero-shot classifier."""
-    fn = NOVEL_RULES.get(method.name, FALLBACK)[0]
-    return fn(method, as_features(features), novel_weights)
+    fitted on base classes (its ``novel_logits`` hook); novel_weights [C_novel, D] the novel
+    zero-shot classifier."""
+    return method.novel_logits(as_features(features), novel_weights)
 
 
 def score(method, test_base: FeatureSet, test_novel: FeatureSet, novel_weights: Tensor) -> dict:

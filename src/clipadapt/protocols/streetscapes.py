@@ -35,7 +35,7 @@ from clipadapt.errors import ClipAdaptError
 from clipadapt.features.featureset import FeatureSet
 from clipadapt.features.pool import rows_for, select
 from clipadapt.methods import get, get_class
-from clipadapt.methods.mh_adapter import MHAdapter, MHAdapterConfig, MultiTaskMHAdapter
+from clipadapt.methods.mh_adapter import MHAdapter, MHAdapterConfig
 from clipadapt.metrics import balanced_accuracy, confusion_matrix, macro_f1, weighted_f1
 from clipadapt.results import make_result, read_result, write_result
 from clipadapt.train import fit_threads
@@ -123,17 +123,15 @@ def build_method(
     fill the config fields of those names unless ``hparams`` sets them. With the "reference"
     recipe the mh-adapter takes the authors' per-task setting (class weighting, blend ratio,
     heads; ``recipes.MH_TASK_RECIPES``, run-comparison.sh) for a task the authors ran."""
-    config = MHAdapterConfig if name == MULTI_TASK else get_class(name).Config
-    fields = {f.name for f in dataclasses.fields(config)}
-    if name != MULTI_TASK and not get_class(name).learned_scale:
+    cls = get_class(name)
+    fields = {f.name for f in dataclasses.fields(cls.Config)}
+    if not cls.learned_scale:
         fields.discard("scale")
     options = {k: v for k, v in (("scale", scale), ("seed", seed)) if k in fields}
     options |= PROTOCOL_HPARAMS.get(name, {})
     if recipe == "reference" and name == "mh-adapter" and task in recipes.MH_TASK_RECIPES:
         options |= dataclasses.asdict(recipes.MH_TASK_RECIPES[task])
     options |= hparams
-    if name == MULTI_TASK:
-        return MultiTaskMHAdapter(device=device, recipe=recipe, **options)
     return get(name, device=device, recipe=recipe, **options)
 
 
