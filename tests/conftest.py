@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,8 @@ TINY_VIT = "tiny-test-vit"  # 2-layer ViT, 32 px, patch 8, embed 32
 TINY_RN = "tiny-test-rn"  # ModifiedResNet [1,1,1,1], 32 px, embed 32
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Caches (features, text weights, drawn splits) go to a fresh folder, never the user's.
+os.environ["CLIPADAPT_CACHE"] = tempfile.mkdtemp(prefix="clipadapt-test-cache-")
 torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "2"))))
 
 

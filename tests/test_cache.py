@@ -38,8 +38,8 @@ def _write_images(root: Path, n: int = N_IMAGES) -> None:
 @pytest.fixture
 def images(tmp_path):
     _write_images(tmp_path / "imgs")
-    with pytest.warns(UserWarning, match="same images"):
-        return load_dataset(tmp_path / "imgs")["train"]
+    with pytest.warns(UserWarning, match="no train/val/test splits"):
+        return load_dataset(tmp_path / "imgs", split_ratios="1,0,0")["train"]
 
 
 def _plain_features(bb, paths: list[str]) -> torch.Tensor:
@@ -160,7 +160,7 @@ def killed_midway(x, normalize=True):
     return encode(x, normalize)
 
 bb.encode_images = killed_midway
-extract(bb, load_dataset({data!r})["train"], cache_dir={cache!r}, shard_size=4, batch_size=2,
+extract(bb, load_dataset({data!r}, split_ratios="1,0,0")["train"], cache_dir={cache!r}, shard_size=4, batch_size=2,
         num_workers=0, progress=False)
 """
 

@@ -10,6 +10,11 @@ from pathlib import Path
 from clipadapt.errors import ClipAdaptError
 
 
+def default_cache_dir() -> Path:
+    """``$CLIPADAPT_CACHE``, else ``~/.cache/clipadapt``."""
+    return Path(os.environ.get("CLIPADAPT_CACHE") or "~/.cache/clipadapt").expanduser()
+
+
 def make_dirs(directory: str | os.PathLike) -> Path:
     """``mkdir -p``; ClipAdaptError naming the folder when it cannot be created."""
     directory = Path(directory)

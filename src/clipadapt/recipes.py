@@ -13,7 +13,6 @@ Every per-dataset default of a method is read from here, keyed by the canonical 
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 RECIPES = ("clean", "reference")
@@ -37,41 +36,27 @@ class TipRecipe:
 # search_step), 20-21 (init_beta, init_alpha), 29-31 (lr, augment_epoch, train_epoch).
 TIP_RECIPES: dict[str, TipRecipe] = {
     "imagenet": TipRecipe((7, 3), init_alpha=1.17),  # imagenet.yaml
-    "caltech101": TipRecipe((12, 5), init_alpha=3),  # caltech101.yaml
+    "caltech-101": TipRecipe((12, 5), init_alpha=3),  # caltech101.yaml
     "dtd": TipRecipe((13, 13), init_alpha=2),  # dtd.yaml
     "eurosat": TipRecipe((12, 10), init_alpha=2, train_epoch=100),  # eurosat.yaml
-    "fgvcaircraft": TipRecipe((30, 30), init_alpha=5),  # fgvc.yaml
-    "food101": TipRecipe((10, 10), init_alpha=1.17),  # food101.yaml
-    "oxfordflowers": TipRecipe((50, 50), init_alpha=10),  # oxford_flowers.yaml
-    "oxfordpets": TipRecipe((7, 3), init_alpha=1.17),  # oxford_pets.yaml
-    "stanfordcars": TipRecipe((20, 10), init_alpha=3),  # stanford_cars.yaml
+    "fgvc_aircraft": TipRecipe((30, 30), init_alpha=5),  # fgvc.yaml
+    "food-101": TipRecipe((10, 10), init_alpha=1.17),  # food101.yaml
+    "oxford_flowers": TipRecipe((50, 50), init_alpha=10),  # oxford_flowers.yaml
+    "oxford_pets": TipRecipe((7, 3), init_alpha=1.17),  # oxford_pets.yaml
+    "stanford_cars": TipRecipe((20, 10), init_alpha=3),  # stanford_cars.yaml
     "sun397": TipRecipe((12, 10), init_alpha=1.17),  # sun397.yaml: 20 epochs
     "ucf101": TipRecipe((7, 3), init_alpha=3),  # ucf101.yaml
 }
 TIP_DEFAULT = "imagenet"  # the recipe of a dataset without a config of its own
 
-_ALIASES = {
-    "caltech": "caltech101",
-    "describabletextures": "dtd",
-    "fgvc": "fgvcaircraft",
-    "aircraft": "fgvcaircraft",
-    "food": "food101",
-    "flowers": "oxfordflowers",
-    "flowers102": "oxfordflowers",
-    "pets": "oxfordpets",
-    "cars": "stanfordcars",
-    "sun": "sun397",
-    "ucf": "ucf101",
-}
-
 
 def dataset_key(dataset: str | None) -> str:
-    """The canonical key of a dataset name: "Caltech-101", "caltech_101", "caltech" ->
-    "caltech101"; a name we have no alias for is lower-cased with separators dropped. A
-    "<name>/<task>" or "<root>/<name>" path keeps its last part."""
-    name = (dataset or "").replace("\\", "/").rstrip("/").split("/")[-1]
-    key = re.sub(r"[^a-z0-9]", "", name.lower())
-    return _ALIASES.get(key, key)
+    """The key of a dataset's settings: its canonical name (clipadapt.data.names), so
+    "Caltech-101", "caltech_101" and "caltech" all read caltech-101's config; a "<root>/<name>"
+    path keeps its last part."""
+    from clipadapt.data.names import dataset_key as key
+
+    return key(dataset)
 
 
 def tip_recipe(dataset: str | None) -> TipRecipe:

@@ -8,8 +8,6 @@ literal template containing ``{}``.
 
 from __future__ import annotations
 
-import re
-
 from clipadapt.errors import ClipAdaptError
 
 DEFAULT_TEMPLATE = "a photo of a {}."
@@ -75,17 +73,16 @@ def get_templates(name: str | None) -> list[str]:
         return list(TEMPLATES[name])
     if name.lower().startswith("shapesworld"):
         return list(TEMPLATES.get(name.lower(), TEMPLATES["shapesworld"]))
-    from clipadapt.data.coop import canonical_name
+    from clipadapt.data.names import dataset_key
 
-    canonical = canonical_name(name) or re.sub(r"[^a-z0-9]", "", name.lower())
-    return list(TEMPLATES.get(canonical, [DEFAULT_TEMPLATE]))
+    return list(TEMPLATES.get(dataset_key(name), [DEFAULT_TEMPLATE]))
 
 
 def require_templates(name: str) -> list[str]:
     """Like :func:`get_templates`, but an unknown name is an error (for ``--templates``)."""
     if "{}" in name or name == "openai-80" or name in TEMPLATES:
         return get_templates(name)
-    from clipadapt.data.coop import canonical_name
+    from clipadapt.data.names import canonical_name
 
     if canonical_name(name) in TEMPLATES:
         return get_templates(name)

@@ -14,7 +14,9 @@ from clipadapt.data.coop import (
 )
 from clipadapt.data.dataset import ClassificationDataset, Item
 from clipadapt.data.folder import read_csv, read_image_folder
+from clipadapt.data.names import DISPLAY
 from clipadapt.data.sampler import few_shot, load_subset, save_subset
+from clipadapt.data.splitting import parse_split_ratios
 from clipadapt.errors import ClipAdaptError
 
 
@@ -27,12 +29,37 @@ def _resolve(path_or_name: str | os.PathLike, root: str | os.PathLike | None) ->
         for candidate in (canonical_name(str(path_or_name)), str(path_or_name)):
             if candidate and (root / candidate).exists():
                 return root / candidate
-        raise ClipAdaptError(f"{path_or_name}: no such dataset folder in {root}")
-    raise ClipAdaptError(f"{path_or_name}: no such dataset folder or file")
+        raise ClipAdaptError(f"{path_or_name}: no such dataset folder in {root}{_known_hint()}")
+    hint = _known_hint() if canonical_name(str(path_or_name)) else ""
+    raise ClipAdaptError(f"{path_or_name}: no such dataset folder or file{hint}")
+
+
+def _known_hint() -> str:
+    return " (known names: " + ", ".join(DISPLAY.values()) + ", or a folder path)"
+
+
+def _check_not_collection(path: Path) -> None:
+    """A folder whose subfolders are known datasets is a ``$DATA`` root, not one dataset."""
+    with os.scandir(path) as entries:
+        known = sorted(
+            e.name
+            for e in entries
+            if e.is_dir() and canonical_name(e.name, aliases=False) is not None
+        )
+    if len(known) >= 2:
+        raise ClipAdaptError(
+            f"{path}: a folder of {len(known)} datasets ({', '.join(known[:4])}"
+            f"{', ...' if len(known) > 4 else ''}), not one dataset; pass one of them, e.g. "
+            f"--data {known[0]} --data-root {path}"
+        )
 
 
 def load_dataset(
-    path_or_name: str | os.PathLike, root: str | os.PathLike | None = None
+    path_or_name: str | os.PathLike,
+    root: str | os.PathLike | None = None,
+    *,
+    split_ratios: str | tuple[float, float, float] | None = None,
+    cache_dir: str | os.PathLike | None = None,
 ) -> dict[str, ClassificationDataset]:
     """Read a dataset in any supported layout -> {"train", "val", "test"}.
 
@@ -41,11 +68,16 @@ def load_dataset(
     Layouts, tried in order: the 11 CoOp datasets (by folder name or their split files), a
     folder with exactly one ``split_*.json`` (CoOp-style, e.g. ShapesWorld), CSV
     (``train.csv``/``val.csv``/``test.csv`` or one CSV file), ImageFolder.
+    A CSV or ImageFolder without splits gets a seeded stratified train/val/test split
+    (``split_ratios``, default 0.5,0.2,0.3), stored as a split json under ``cache_dir``
+    (default ``$CLIPADAPT_CACHE`` or ``~/.cache/clipadapt``).
     """
+    if split_ratios is not None:
+        split_ratios = parse_split_ratios(split_ratios)
     path = _resolve(path_or_name, root)
     if path.is_file():
         if path.suffix.lower() == ".csv":
-            return read_csv(path)
+            return read_csv(path, split_ratios, cache_dir)
         if path.suffix.lower() == ".json":
             return read_generic_split(path.parent, path)
         raise ClipAdaptError(f"{path}: expected a dataset folder, a .csv or a split_*.json file")
@@ -59,9 +91,12 @@ def load_dataset(
         names = ", ".join(p.name for p in split_files)
         raise ClipAdaptError(f"{path}: several split files ({names}); pass one of them")
     if any(path.glob("*.csv")):
-        return read_csv(path)
-    if any(e.is_dir() for e in os.scandir(path)):
-        return read_image_folder(path)
+        return read_csv(path, split_ratios, cache_dir)
+    with os.scandir(path) as entries:
+        has_folders = any(e.is_dir() for e in entries)
+    if has_folders:
+        _check_not_collection(path)
+        return read_image_folder(path, split_ratios, cache_dir)
     raise ClipAdaptError(
         f"{path}: unknown dataset layout (expected a CoOp dataset, split_*.json, CSV, "
         "or <class>/<image> folders)"
@@ -69,12 +104,16 @@ def load_dataset(
 
 
 def load_split(
-    path_or_name: str | os.PathLike, split: str, root: str | os.PathLike | None = None
+    path_or_name: str | os.PathLike,
+    split: str,
+    root: str | os.PathLike | None = None,
+    **options,
 ) -> ClassificationDataset:
-    """One split of :func:`load_dataset`; an empty split is an error naming the dataset."""
+    """One split of :func:`load_dataset` (``options``: its keywords); an empty split is an
+    error naming the dataset."""
     if split not in ("train", "val", "test"):
         raise ClipAdaptError(f"split {split!r}: expected train, val or test")
-    ds = load_dataset(path_or_name, root)[split]
+    ds = load_dataset(path_or_name, root, **options)[split]
     if len(ds) == 0:
         raise ClipAdaptError(f"{path_or_name}: the {split} split is empty")
     return ds
@@ -88,5 +127,6 @@ __all__ = [
     "load_dataset",
     "load_split",
     "load_subset",
+    "parse_split_ratios",
     "save_subset",
 ]

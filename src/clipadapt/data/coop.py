@@ -6,10 +6,10 @@ Each reader returns ``{"train", "val", "test"}`` -> ClassificationDataset (see d
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from clipadapt.data import names
 from clipadapt.data.dataset import ClassificationDataset, Item, is_image, make_splits
 from clipadapt.errors import ClipAdaptError
 from clipadapt.io import read_json, read_text
@@ -37,33 +37,19 @@ SPLIT_JSON = {
 }
 COOP_DATASETS = ("imagenet", *SPLIT_JSON, "fgvc_aircraft")
 
-_ALIASES = {
-    "caltech": "caltech-101",
-    "pets": "oxford_pets",
-    "cars": "stanford_cars",
-    "flowers": "oxford_flowers",
-    "food": "food-101",
-    "aircraft": "fgvc_aircraft",
-    "fgvc": "fgvc_aircraft",
-    "describabletextures": "dtd",
-}
-
-
-def _squash(name: str) -> str:
-    return re.sub(r"[^a-z0-9]", "", name.lower())
-
 
 def canonical_name(name: str, aliases: bool = True) -> str | None:
-    """The CoOp folder name for ``name`` ("OxfordPets", "oxford_pets", and with ``aliases``
-    short names such as "Pets"), or None."""
-    key = _squash(name)
-    for folder, spec in SPLIT_JSON.items():
-        if key in (_squash(folder), _squash(spec.split_file[len("split_zhou_") : -len(".json")])):
-            return folder
-    for folder in ("imagenet", "fgvc_aircraft", "fgvcaircraft"):
-        if key == _squash(folder):
-            return "fgvc_aircraft" if folder == "fgvcaircraft" else folder
-    return _ALIASES.get(key) if aliases else None
+    """The CoOp folder name for ``name`` ("OxfordPets", "oxford_pets", "Flowers102", "sun"),
+    or None. With ``aliases=False`` only the folder's own name or its split file's name count
+    (how a folder is recognised by its name)."""
+    canonical = names.canonical_name(name)
+    if aliases or canonical is None:
+        return canonical
+    key = names.squash(name)
+    own = {names.squash(canonical)}
+    if canonical in SPLIT_JSON:
+        own.add(names.squash(SPLIT_JSON[canonical].split_file[len("split_zhou_") : -len(".json")]))
+    return canonical if key in own else None
 
 
 def _entries(data: dict, split: str, split_file: Path) -> list:

@@ -1,28 +1,35 @@
 """ImageFolder (``root/<class>/<image>``) and CSV (``path,label``) readers.
 
 Both accept split subfolders/files (``train``, ``val``, ``test``). Without them the one folder or
-CSV file is both ``train`` and ``test`` (there is no held-out split then; a warning says so) and
-``val`` is empty (the few-shot sampler draws validation shots from the remaining train images).
+CSV file is split per class with a seed, 50/20/30 by default (data/splitting.py: CoOp's rule for
+custom datasets), and the split is stored as a reusable split json. A ``train`` + ``val`` pair
+without ``test`` evaluates on ``val``, as CoOp does for ImageNet.
 """
 
 from __future__ import annotations
 
 import csv
 import os
-import warnings
 from pathlib import Path
 
 from clipadapt.data.dataset import ClassificationDataset, Item, is_image, make_splits
-from clipadapt.errors import ClipAdaptError
+from clipadapt.data.splitting import held_out_split
+from clipadapt.errors import ClipAdaptError, warn
 
 SPLITS = ("train", "val", "test")
 
 
-def _warn_no_holdout(where: Path) -> None:
-    warnings.warn(
-        f"{where}: no train/val/test splits; train and test are the same images",
-        stacklevel=3,
-    )
+def complete_splits(
+    splits: dict[str, list[Item]], where: Path, split_ratios=None, cache_dir=None
+) -> dict[str, list[Item]]:
+    """Give a dataset without a test split one: draw a held-out split from a lone ``train``;
+    with ``train`` + ``val`` test on ``val`` (CoOp's ImageNet rule)."""
+    if set(splits) == {"train"}:
+        return held_out_split(where.name, where, splits["train"], split_ratios, cache_dir)
+    if "test" not in splits and "val" in splits:
+        warn(f"{where}: no test split; evaluating on val (as CoOp does for ImageNet)")
+        return {"train": splits.get("train", []), "val": [], "test": splits["val"]}
+    return splits
 
 
 def _class_folders(directory: Path) -> list[str]:
@@ -37,7 +44,9 @@ def _images_under(directory: Path) -> list[str]:
     return found
 
 
-def read_image_folder(root: Path) -> dict[str, ClassificationDataset]:
+def read_image_folder(
+    root: Path, split_ratios=None, cache_dir=None
+) -> dict[str, ClassificationDataset]:
     """``root/<class>/<image>`` or ``root/{train,val,test}/<class>/<image>``.
 
     Labels follow the sorted class folder names of ``train`` (torchvision's convention); images
@@ -46,7 +55,6 @@ def read_image_folder(root: Path) -> dict[str, ClassificationDataset]:
     split_dirs = {s: root / s for s in SPLITS if (root / s).is_dir()}
     if "train" not in split_dirs and "test" not in split_dirs:
         split_dirs = {"train": root}
-        _warn_no_holdout(root)
     reference = split_dirs.get("train", split_dirs.get("test"))
     classnames = _class_folders(reference)
     if not classnames:
@@ -62,16 +70,16 @@ def read_image_folder(root: Path) -> dict[str, ClassificationDataset]:
                 )
             items += [Item(p, label_of[cls], cls) for p in _images_under(directory / cls)]
         splits[split] = items
-    if set(split_dirs) == {"train"}:
-        splits["test"] = splits["train"]
+    splits = complete_splits(splits, root, split_ratios, cache_dir)
     return make_splits(root.name, str(root), splits, classnames, str(root), check_files=False)
 
 
 def _read_rows(csv_file: Path) -> list[tuple[str, str, str | None]]:
     try:
-        with open(csv_file, newline="", encoding="utf-8") as f:
+        with open(csv_file, newline="", encoding="utf-8-sig") as f:  # -sig: Excel's BOM
             reader = csv.DictReader(f)
-            fields = reader.fieldnames or []
+            reader.fieldnames = [(n or "").strip() for n in reader.fieldnames or []]
+            fields = reader.fieldnames
             if "path" not in fields or "label" not in fields:
                 raise ClipAdaptError(
                     f"{csv_file}: expected a header with columns path,label (got {fields})"
@@ -79,7 +87,7 @@ def _read_rows(csv_file: Path) -> list[tuple[str, str, str | None]]:
             has_name = "classname" in fields
             rows = []
             for row in reader:
-                path, label = row["path"], row["label"]
+                path, label = (row["path"] or "").strip(), row["label"]
                 if not path or label is None:
                     raise ClipAdaptError(
                         f"{csv_file}:{reader.line_num}: expected a path and a label"
@@ -94,7 +102,7 @@ def _read_rows(csv_file: Path) -> list[tuple[str, str, str | None]]:
         raise ClipAdaptError(f"{csv_file}: not a CSV file ({e})") from e
 
 
-def read_csv(path: Path) -> dict[str, ClassificationDataset]:
+def read_csv(path: Path, split_ratios=None, cache_dir=None) -> dict[str, ClassificationDataset]:
     """A CSV file with a header ``path,label[,classname]``, or a folder of ``{split}.csv``.
 
     Paths are relative to the CSV's folder. Labels are class names (ids in sorted order of the
@@ -103,7 +111,6 @@ def read_csv(path: Path) -> dict[str, ClassificationDataset]:
     """
     if path.is_file():
         files = {"train": path}
-        _warn_no_holdout(path)
     else:
         files = {s: path / f"{s}.csv" for s in SPLITS if (path / f"{s}.csv").is_file()}
         if not files:
@@ -114,7 +121,6 @@ def read_csv(path: Path) -> dict[str, ClassificationDataset]:
                     f"(found {len(found)})"
                 )
             files = {"train": found[0]}
-            _warn_no_holdout(found[0])
     rows = {s: _read_rows(f) for s, f in files.items()}
     reference = "train" if "train" in rows else next(iter(rows))
     numeric = all(lab.isdigit() for rs in rows.values() for _, lab, _ in rs)
@@ -141,8 +147,7 @@ def read_csv(path: Path) -> dict[str, ClassificationDataset]:
             label = label_of[lab]
             items.append(Item(str(base / rel), label, classnames[label]))
         splits[split] = items
-    if set(files) == {"train"}:
-        splits["test"] = splits["train"]
+    splits = complete_splits(splits, path, split_ratios, cache_dir)
     root = path if path.is_dir() else path.parent
     name = path.stem if path.is_file() else path.name
     return make_splits(name, str(root), splits, classnames, str(path))

@@ -29,7 +29,12 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from clipadapt.errors import ClipAdaptError
-from clipadapt.io import atomic_write, make_dirs, write_json
+from clipadapt.io import (
+    atomic_write,
+    default_cache_dir,  # noqa: F401 (re-exported)
+    make_dirs,
+    write_json,
+)
 
 FORMAT = "clipadapt-cache/1"
 MANIFEST = "manifest.json"
@@ -40,11 +45,6 @@ def library_version() -> str:
         return metadata.version("clipadapt")
     except metadata.PackageNotFoundError:
         return "unknown"
-
-
-def default_cache_dir() -> Path:
-    """``$CLIPADAPT_CACHE``, else ``~/.cache/clipadapt``."""
-    return Path(os.environ.get("CLIPADAPT_CACHE", "~/.cache/clipadapt")).expanduser()
 
 
 def stable_repr(obj) -> str:
