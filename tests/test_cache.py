@@ -160,8 +160,8 @@ def killed_midway(x, normalize=True):
     return encode(x, normalize)
 
 bb.encode_images = killed_midway
-extract(bb, load_dataset({data!r}, split_ratios="1,0,0")["train"], cache_dir={cache!r}, shard_size=4, batch_size=2,
-        num_workers=0, progress=False)
+images = load_dataset({data!r}, split_ratios="1,0,0")["train"]
+extract(bb, images, cache_dir={cache!r}, shard_size=4, batch_size=2, num_workers=0, progress=False)
 """
 
 

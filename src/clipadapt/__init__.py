@@ -2,15 +2,10 @@
 
 from __future__ import annotations
 
-from importlib import import_module, metadata
+from importlib import import_module
 
 from clipadapt.backbones import load_backbone
 from clipadapt.errors import ClipAdaptError
-
-try:
-    __version__ = metadata.version("clipadapt")
-except metadata.PackageNotFoundError:
-    __version__ = "0+unknown"
 
 _LAZY_MODULES = ("methods", "segmentation", "metrics")
 
@@ -21,6 +16,13 @@ def __getattr__(name: str):
     """Import submodules on first use: a missing or heavy one never breaks ``import clipadapt``."""
     if name in _LAZY_MODULES:
         return import_module(f"clipadapt.{name}")
+    if name == "__version__":
+        from importlib import metadata
+
+        try:
+            return metadata.version("clipadapt")
+        except metadata.PackageNotFoundError:
+            return "0+unknown"
     if name == "load_adapter":
         return import_module("clipadapt.methods").load_adapter
     raise AttributeError(f"module 'clipadapt' has no attribute {name!r}")

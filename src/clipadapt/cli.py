@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import warnings
 
 from clipadapt.errors import ClipAdaptError
 
@@ -32,20 +33,28 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        return int(args.run(args) or 0)
-    except ClipAdaptError as e:
-        if not (getattr(e, "all_ranks", False) and _rank() != 0):  # one copy of a shared error
-            print(f"clipadapt: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("clipadapt: interrupted; finished work is kept, rerun to resume", file=sys.stderr)
-        return 130
-    finally:
-        if "clipadapt.distributed" in sys.modules:  # a command joined a torchrun process group
-            sys.modules["clipadapt.distributed"].shutdown()
+    with warnings.catch_warnings():
+        warnings.showwarning = _one_line_warning
+        try:
+            parser = build_parser()
+            args = parser.parse_args(argv)
+            return int(args.run(args) or 0)
+        except ClipAdaptError as e:
+            if not (getattr(e, "all_ranks", False) and _rank() != 0):  # one copy of a shared error
+                print(f"clipadapt: error: {e}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            print("clipadapt: interrupted; finished work is kept, rerun to resume", file=sys.stderr)
+            return 130
+        finally:
+            if "clipadapt.distributed" in sys.modules:  # a command joined a torchrun group
+                sys.modules["clipadapt.distributed"].shutdown()
+
+
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Warnings reach the user as ``clipadapt: warning: ...``, without a source path."""
+    text = " ".join(str(message).split())
+    print(f"clipadapt: warning: {text}", file=sys.stderr if file is None else file)
 
 
 def _rank() -> int:

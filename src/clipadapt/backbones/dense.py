@@ -30,10 +30,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from clipadapt.backbones.modes import ATTENTIONS, POSITION_RULES
 from clipadapt.errors import ClipAdaptError
 
-ATTENTIONS = ("csa", "vanilla", "clearclip", "naclip", "maskclip")
-POSITION_RULES = ("exact", "sclip")
 NACLIP_SIGMA = 5.0  # patches
 
 

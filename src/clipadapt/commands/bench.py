@@ -1,4 +1,4 @@
-"""`clipadapt bench --methods a,b --datasets d1,d2 --shots 1,2,4,8,16 --seeds 1,2,3 --out DIR`.
+"""`clipadapt bench --methods a,b --data d1,d2 --shots 1,2,4,8,16 --seeds 1,2,3 --out DIR`.
 
 Every (method, dataset, shots, seed) is one run and one JSON in DIR/runs/; a run whose JSON
 exists is skipped, so an interrupted benchmark resumes where it stopped. Zero-shot runs once per
@@ -15,8 +15,7 @@ import dataclasses
 import time
 from pathlib import Path
 
-from tqdm.auto import tqdm
-
+from clipadapt.commands import add_data_arguments, csv_list, dataset_options
 from clipadapt.commands.fit import (
     add_backbone_options,
     add_fit_threads_option,
@@ -30,29 +29,19 @@ from clipadapt.errors import ClipAdaptError
 ZERO_SHOT = "zero-shot"
 
 
-def _csv(kind):
-    def parse(text: str) -> list:
-        try:
-            values = [kind(t.strip()) for t in text.split(",") if t.strip()]
-        except ValueError as e:
-            raise argparse.ArgumentTypeError(f"{text!r}: expected a comma-separated list") from e
-        if not values:
-            raise argparse.ArgumentTypeError("expected at least one value")
-        return values
-
-    return parse
-
-
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
         "bench", help="benchmark methods x datasets x shots x seeds", description=__doc__
     )
-    p.add_argument("--methods", type=_csv(str), required=True, help="e.g. zero-shot,tip-adapter")
-    p.add_argument("--datasets", type=_csv(str), required=True, help="names or folders")
-    p.add_argument("--shots", type=_csv(int), default=[1, 2, 4, 8, 16], help="default 1,2,4,8,16")
-    p.add_argument("--seeds", type=_csv(int), default=[1, 2, 3], help="default 1,2,3")
+    p.add_argument(
+        "--methods", type=csv_list(str), required=True, help="e.g. zero-shot,tip-adapter"
+    )
+    add_data_arguments(p, many=True)
+    p.add_argument(
+        "--shots", type=csv_list(int), default=[1, 2, 4, 8, 16], help="default 1,2,4,8,16"
+    )
+    p.add_argument("--seeds", type=csv_list(int), default=[1, 2, 3], help="default 1,2,3")
     p.add_argument("--out", required=True, help="results folder")
-    p.add_argument("--data-root", default=None, help="folder holding the datasets by name")
     p.add_argument("--split", default="test", choices=["val", "test"], help="evaluation split")
     p.add_argument("--metric", default="top1", help="metric of the table and curves")
     p.add_argument(
@@ -73,7 +62,7 @@ def add_parser(subparsers) -> None:
         "classes, report base / novel / HM (16 shots unless --shots is one number; "
         "protocols/base2novel.py)",
     )
-    p.add_argument("--tasks", type=_csv(str), default=None, help="streetscapes: tasks to run")
+    p.add_argument("--tasks", type=csv_list(str), default=None, help="streetscapes: tasks to run")
     p.add_argument(
         "--base-rule",
         default="ceil",
@@ -109,8 +98,15 @@ def method_hparams(methods: list[str], pairs: list[str]) -> dict[str, list[str]]
 
 
 def run(args: argparse.Namespace) -> int:
-    from clipadapt.backbones import load_backbone
     from clipadapt.data import few_shot, load_dataset, save_subset
+
+    if args.protocol == "fewshot":  # every dataset is checked before torch and the model load
+        if any(s < 1 for s in args.shots):
+            raise ClipAdaptError(f"--shots {args.shots}: expected positive numbers of shots")
+        loaded = {d: load_dataset(d, **dataset_options(args)) for d in args.datasets}
+    from tqdm.auto import tqdm
+
+    from clipadapt.backbones import load_backbone
     from clipadapt.features import extract
     from clipadapt.features.pool import SubsetPool
     from clipadapt.metrics import classification_metrics
@@ -132,8 +128,6 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     runs_dir, subsets_dir = out / "runs", out / "subsets"
     hparams = method_hparams(args.methods, args.hparam)
-    if any(s < 1 for s in args.shots):
-        raise ClipAdaptError(f"--shots {args.shots}: expected positive numbers of shots")
     kw = extract_kwargs(args)
     # Loaded up front: a stored run is reused only if the same weights produced it.
     bb = load_backbone(
@@ -142,7 +136,7 @@ def run(args: argparse.Namespace) -> int:
     done = skipped = 0
     names = []
     for dataset_arg in args.datasets:
-        splits = load_dataset(dataset_arg, root=args.data_root)
+        splits = loaded[dataset_arg]
         name = splits["train"].name
         names.append(name)
         plan = [(ZERO_SHOT, 0, None)] if ZERO_SHOT in args.methods else []

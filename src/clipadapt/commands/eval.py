@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 
+from clipadapt.commands import add_data_arguments, dataset_options
 from clipadapt.commands.fit import add_extract_options, extract_kwargs
 from clipadapt.errors import ClipAdaptError
 
@@ -28,7 +29,7 @@ def add_adapter_options(p: argparse.ArgumentParser) -> None:
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("eval", help="evaluate a saved adapter", description=__doc__)
     add_adapter_options(p)
-    p.add_argument("--data", required=True, help="dataset folder")
+    add_data_arguments(p)
     p.add_argument("--split", default="test", choices=["train", "val", "test"])
     p.add_argument("--out", default=None, help="also write the result JSON here")
     add_extract_options(p)
@@ -59,8 +60,10 @@ def load_with_backbone(
 
 
 def run(args: argparse.Namespace) -> int:
-    from clipadapt import distributed
     from clipadapt.data import load_split
+
+    dataset = load_split(args.data, args.split, **dataset_options(args))  # before torch loads
+    from clipadapt import distributed
     from clipadapt.features import extract
     from clipadapt.metrics import classification_metrics
     from clipadapt.results import write_result
@@ -69,7 +72,6 @@ def run(args: argparse.Namespace) -> int:
     method, bb = load_with_backbone(
         args.adapter, args.model, args.pretrained, device, args.trust_checkpoint
     )
-    dataset = load_split(args.data, args.split)
     classnames = method.meta.get("classnames")
     if classnames is not None and list(classnames) != list(dataset.classnames):
         raise ClipAdaptError(

@@ -8,17 +8,13 @@ from __future__ import annotations
 
 import argparse
 
-from clipadapt.commands import add_model_arguments
+from clipadapt.commands import add_data_arguments, add_model_arguments, dataset_options
 
 
 def add_backbone_options(parser: argparse.ArgumentParser) -> None:
     """--model/--pretrained/--device and the extraction options shared with `zeroshot`."""
     add_model_arguments(parser)
-    parser.add_argument(
-        "--data",
-        required=True,
-        help="dataset folder (CoOp layout, split_*.json, CSV or ImageFolder)",
-    )
+    add_data_arguments(parser)
     parser.add_argument(
         "--split",
         default="test",
@@ -62,13 +58,14 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from clipadapt.data import load_split
+
+    dataset = load_split(args.data, args.split, **dataset_options(args))  # before torch loads
     from clipadapt import distributed
     from clipadapt.backbones import load_backbone
-    from clipadapt.data import load_split
     from clipadapt.features import extract
 
     rank, _, device = distributed.init(args.device)
-    dataset = load_split(args.data, args.split)
     bb = load_backbone(
         args.model, args.pretrained, device=device, trust_checkpoint=args.trust_checkpoint
     )

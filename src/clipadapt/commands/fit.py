@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from clipadapt.commands import add_model_arguments
+from clipadapt.commands import add_data_arguments, add_model_arguments, dataset_options
 from clipadapt.errors import ClipAdaptError
 
 
@@ -104,7 +104,7 @@ def add_parser(subparsers) -> None:
         action=HelpHparams,
         help="list the hyper-parameters of --method (put it after --method) and exit",
     )
-    p.add_argument("--data", required=True, help="dataset folder (CoOp layout, split json, ...)")
+    add_data_arguments(p)
     p.add_argument("--shots", type=int, required=True, help="training images per class")
     p.add_argument("--seed", type=int, default=1, help="few-shot draw and training seed")
     p.add_argument("--out", required=True, help="adapter folder to write")
@@ -230,15 +230,16 @@ def reference_split(source: str, splits: dict | None, fewshot, method):
 
 
 def run(args: argparse.Namespace) -> int:
-    from clipadapt.backbones import load_backbone
     from clipadapt.data import few_shot, load_dataset, save_subset
-    from clipadapt.templates import get_templates, require_templates
-    from clipadapt.train import set_fit_threads
 
     if args.views is not None and args.views < 0:
         raise ClipAdaptError(f"--views {args.views}: expected 0 or more")
+    splits = load_dataset(args.data, **dataset_options(args))  # checked before torch loads
+    from clipadapt.backbones import load_backbone
+    from clipadapt.templates import get_templates, require_templates
+    from clipadapt.train import set_fit_threads
+
     set_fit_threads(args.fit_threads)
-    splits = load_dataset(args.data)
     name = splits["train"].name
     subset = few_shot(splits, args.shots, args.seed)
     templates = require_templates(args.templates) if args.templates else get_templates(name)

@@ -6,8 +6,6 @@ import argparse
 import json
 from pathlib import Path
 
-import torch
-
 from clipadapt.commands.eval import add_adapter_options, load_with_backbone
 from clipadapt.errors import ClipAdaptError
 
@@ -23,10 +21,11 @@ def add_parser(subparsers) -> None:
     p.set_defaults(run=run)
 
 
-@torch.no_grad()
 def predict(method, bb, images: list[str], topk: int = 5) -> list[list[tuple[str, float]]]:
     """Per image, the ``topk`` (class name, probability) pairs, most probable first; the
     probabilities are softmax(logits) over all classes."""
+    import torch
+
     from clipadapt.data import ClassificationDataset, Item
     from clipadapt.features import extract
 
@@ -39,7 +38,8 @@ def predict(method, bb, images: list[str], topk: int = 5) -> list[list[tuple[str
     items = [Item(str(Path(p).resolve()), 0, classnames[0]) for p in images]
     dataset = ClassificationDataset("images", "", items, list(classnames))
     feats = extract(bb, dataset, num_workers=0, progress=False, **method.extract_options(False))
-    probs = method.logits(feats).float().softmax(dim=-1).cpu()
+    with torch.no_grad():
+        probs = method.logits(feats).float().softmax(dim=-1).cpu()
     top = probs.topk(min(topk, probs.shape[1]), dim=-1)
     return [
         [(classnames[c], float(p)) for c, p in zip(idx.tolist(), val.tolist(), strict=True)]
@@ -50,6 +50,12 @@ def predict(method, bb, images: list[str], topk: int = 5) -> list[list[tuple[str
 def run(args: argparse.Namespace) -> int:
     if args.topk < 1:
         raise ClipAdaptError(f"--topk {args.topk}: expected a positive integer")
+    config = Path(args.adapter) / "config.json"  # checked before torch and the backbone load
+    if not config.is_file():
+        raise ClipAdaptError(f"{config}: file not found")
+    for path in args.images:
+        if not Path(path).is_file():
+            raise ClipAdaptError(f"{path}: no such image file")
     method, bb = load_with_backbone(
         args.adapter, args.model, args.pretrained, args.device, args.trust_checkpoint
     )

@@ -1,4 +1,4 @@
-"""`clipadapt seg-eval --dataset voc21 --data-root DIR`: mIoU of SCLIP on a benchmark.
+"""`clipadapt seg-eval --data voc21 --data-root DIR`: mIoU of SCLIP on a benchmark.
 
 Uses the published settings of the dataset (scaled to the model's input size); options given
 on the command line override them. Under `torchrun` the images are sharded by rank.
@@ -10,6 +10,7 @@ import argparse
 import re
 from pathlib import Path
 
+from clipadapt.commands import add_deprecated
 from clipadapt.commands.segment import add_model_options, segmenter_kwargs
 from clipadapt.data.mmseg import SEG_DATASETS
 
@@ -22,7 +23,9 @@ def add_parser(subparsers) -> None:
         help="mIoU of training-free segmentation on an mmseg-layout benchmark",
         description=__doc__.splitlines()[0],
     )
-    p.add_argument("--dataset", required=True, choices=SEG_DATASETS)
+    group = p.add_mutually_exclusive_group(required=True)
+    group.add_argument("--data", dest="dataset", choices=SEG_DATASETS, help="the benchmark")
+    add_deprecated(group, "--dataset", "--data", dest="dataset", choices=SEG_DATASETS)
     p.add_argument(
         "--data-root",
         required=True,

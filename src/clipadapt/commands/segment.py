@@ -5,9 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import torch
-
-from clipadapt.commands import add_model_arguments
+from clipadapt.backbones.modes import ATTENTIONS
+from clipadapt.commands import add_deprecated, add_model_arguments
 from clipadapt.errors import ClipAdaptError
 
 
@@ -17,7 +16,7 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--attention",
         default="csa",
-        choices=["csa", "vanilla", "clearclip", "naclip", "maskclip"],
+        choices=ATTENTIONS,
         help="last-block attention: csa is SCLIP (default)",
     )
     parser.add_argument("--window", type=int, help="window side in pixels (default: model input)")
@@ -42,7 +41,12 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
         "sclip, the reference code's bicubic scale factor (grid + 0.1) / native grid",
     )
     parser.add_argument("--batch-size", type=int, default=16, help="crops per forward")
-    parser.add_argument("--cache-dir", help="query embedding cache (default ~/.cache/clipadapt)")
+    parser.add_argument(
+        "--cache",
+        dest="cache_dir",
+        help="query embedding cache (default $CLIPADAPT_CACHE/queries or ~/.cache/clipadapt)",
+    )
+    add_deprecated(parser, "--cache-dir", "--cache", dest="cache_dir")
 
 
 def segmenter_kwargs(args: argparse.Namespace, defaults: dict | None = None) -> dict:
@@ -82,6 +86,8 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
+
     import clipadapt as ca
     from clipadapt.data.mmseg import read_image
     from clipadapt.segmentation.overlay import mask_image, overlay_image, save_png

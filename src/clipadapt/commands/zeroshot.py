@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from clipadapt.commands import dataset_options
 from clipadapt.commands.extract import add_backbone_options
 
 
@@ -34,9 +35,11 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from clipadapt.data import load_split
+
+    dataset = load_split(args.data, args.split, **dataset_options(args))  # before torch loads
     from clipadapt import distributed
     from clipadapt.backbones import load_backbone
-    from clipadapt.data import load_split
     from clipadapt.features import default_cache_dir
     from clipadapt.io import make_dirs
     from clipadapt.results import write_result
@@ -46,7 +49,6 @@ def run(args: argparse.Namespace) -> int:
     rank, _, device = distributed.init(args.device)
     if rank == 0:
         make_dirs(Path(args.out).parent)  # an unwritable --out fails now, not after the work
-    dataset = load_split(args.data, args.split)
     templates = require_templates(args.templates) if args.templates else get_templates(dataset.name)
     bb = load_backbone(
         args.model, args.pretrained, device=device, trust_checkpoint=args.trust_checkpoint

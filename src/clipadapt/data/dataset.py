@@ -134,5 +134,18 @@ def check_nonempty_classes(items: Sequence[Item], classnames: Sequence[str], whe
             )
 
 
+EXIF_ORIENTATION = 0x0112
+
+
+def upright(image):
+    """``image`` turned as its EXIF orientation says (phone photos are stored sideways with a
+    tag); an image without the tag is returned as it is, not copied."""
+    if image.getexif().get(EXIF_ORIENTATION, 1) in (0, 1):
+        return image
+    from PIL import ImageOps
+
+    return ImageOps.exif_transpose(image)
+
+
 def is_image(filename: str) -> bool:
     return filename.lower().endswith(IMAGE_EXTENSIONS) and not filename.startswith(".")

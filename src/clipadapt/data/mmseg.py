@@ -13,12 +13,14 @@ import os
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import numpy as np
-import torch
-from PIL import Image
-
+from clipadapt.data.dataset import upright
 from clipadapt.errors import ClipAdaptError
+
+if TYPE_CHECKING:  # numpy, torch and PIL load when an image is read, not with the layouts
+    import torch
+    from PIL import Image
 
 IGNORE_INDEX = 255
 LABEL_MODES = ("P", "L", "I", "I;16")
@@ -174,9 +176,12 @@ def read_class_lines(path: str | os.PathLike) -> list[str]:
 
 
 def read_image(path: str | os.PathLike) -> Image.Image:
+    """An RGB image, turned upright by its EXIF orientation (phone photos)."""
+    from PIL import Image
+
     try:
         with Image.open(path) as im:
-            return im.convert("RGB")
+            return upright(im).convert("RGB")
     except FileNotFoundError as e:
         raise ClipAdaptError(f"{path}: image not found") from e
     except OSError as e:
@@ -185,6 +190,10 @@ def read_image(path: str | os.PathLike) -> Image.Image:
 
 def read_label(path: str | os.PathLike, reduce_zero_label: bool = False) -> torch.Tensor:
     """A label PNG as class indices -> LongTensor[H, W]. Palette PNGs give their indices."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
     try:
         with Image.open(path) as im:
             if im.mode not in LABEL_MODES:

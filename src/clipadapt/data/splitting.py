@@ -47,9 +47,10 @@ def parse_split_ratios(text: str | tuple | list | None) -> tuple[float, float, f
 def stratified_split(
     items: list[Item], ratios: tuple[float, float, float], seed: int = SPLIT_SEED
 ) -> dict[str, list[Item]]:
-    """Per class (in label order), shuffle with ``seed`` and cut round(n·p_train), round(n·p_val),
-    the rest for test; each split keeps the order of ``items``. A class of two or more images keeps at least one image for train and one
-    for test when their ratios are positive."""
+    """Per class (in label order), shuffle with ``seed`` and cut round(n·p_train),
+    round(n·p_val), the rest for test; each split keeps the order of ``items``. A class of two
+    or more images keeps at least one image for train and one for test when their ratios are
+    positive."""
     rng = random.Random(seed)
     by_label: dict[int, list[Item]] = {}
     for it in items:

@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from clipadapt import distributed
-from clipadapt.data.dataset import ClassificationDataset
+from clipadapt.data.dataset import ClassificationDataset, upright
 from clipadapt.errors import ClipAdaptError
 from clipadapt.features.cache import MemoryEntry, image_list_digest, open_entry, stable_repr
 from clipadapt.features.featureset import FeatureSet
@@ -65,7 +65,7 @@ def load_rgb(path: str) -> Image.Image:
         try:
             with Image.open(path) as image:
                 image.load()
-                return to_rgb(image)
+                return to_rgb(upright(image))
         except (Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
             raise ValueError(f"too large to decode safely: {e}") from None
 
