@@ -241,7 +241,7 @@ def test_torchrun_extract_equals_one_process(setup, torchrun, tmp_path, capsys, 
     monkeypatch.setattr(cli, "COMMANDS", ["extract", "zeroshot"])
     # rank 0 alone reports, with the counts of both ranks
     lines = [ln for ln in torchrun["stdout"].splitlines() if "images x" in ln]
-    assert len(lines) == 1 and "12 computed, 0 reused, 1 skipped" in lines[0], torchrun["stdout"]
+    assert len(lines) == 1 and "11 computed, 0 reused, 1 skipped" in lines[0], torchrun["stdout"]
     assert f"skipped {setup['bad']}" in torchrun["stdout"]
 
     sharded, single = torchrun["out"] / "sharded", tmp_path / "single"

@@ -269,3 +269,123 @@ def test_interrupt_during_start_up_exits_130_without_a_traceback(monkeypatch, ca
     monkeypatch.setattr(bench, "add_parser", interrupted)
     assert main(["bench", "--help"]) == 130
     assert "interrupted" in capsys.readouterr().err
+
+
+def _zero_shot_adapter(directory: Path, dim: int = 8, classes: int = 3) -> Path:
+    import torch
+
+    from clipadapt.methods import get
+
+    method = get("zero-shot").fit(None, torch.nn.functional.normalize(torch.randn(classes, dim)))
+    method.meta = {"embed_dim": dim, "classnames": [f"c{i}" for i in range(classes)]}
+    return method.save(directory)
+
+
+def test_a_full_disk_while_saving_is_one_error_and_keeps_the_old_file(tmp_path, monkeypatch):
+    import torch
+    from safetensors import SafetensorError
+
+    import clipadapt.methods.base as base
+    import clipadapt.zeroshot as zeroshot
+
+    saved = _zero_shot_adapter(tmp_path / "a")
+    before = (saved / "model.safetensors").read_bytes()
+
+    def full(*args, **kwargs):
+        raise SafetensorError("Error while serializing: IoError(No space left on device (os 28))")
+
+    monkeypatch.setattr(base, "save_file", full)
+    with pytest.raises(ClipAdaptError, match=r"model\.safetensors: cannot write .*No space left"):
+        _zero_shot_adapter(tmp_path / "a")
+    assert (saved / "model.safetensors").read_bytes() == before
+    assert not list(saved.glob("*.tmp-*"))
+
+    class Bb:
+        identity = {"name": "x"}
+
+        def text_classifier(self, names, templates):
+            return torch.nn.functional.normalize(torch.randn(len(names), 4))
+
+    monkeypatch.setattr(zeroshot, "save_file", full)
+    with pytest.raises(ClipAdaptError, match=r"text-.*\.safetensors: cannot write"):
+        zeroshot.text_weights(Bb(), ["a", "b"], ["{}"], tmp_path / "cache")
+
+
+def test_a_corrupted_text_weights_cache_is_recomputed(tmp_path):
+    import torch
+
+    from clipadapt.zeroshot import text_weights
+
+    calls = []
+
+    class Bb:
+        identity = {"name": "x"}
+
+        def text_classifier(self, names, templates):
+            calls.append(1)
+            return torch.nn.functional.normalize(
+                torch.ones(len(names), 4) + torch.eye(len(names), 4)
+            )
+
+    first = text_weights(Bb(), ["a", "b"], ["{}"], tmp_path)
+    assert torch.equal(text_weights(Bb(), ["a", "b"], ["{}"], tmp_path), first) and len(calls) == 1
+    (path,) = tmp_path.glob("text-*.safetensors")
+    raw = bytearray(path.read_bytes())
+    raw[-3] ^= 0x40  # one bit of one weight: the file still parses
+    path.write_bytes(bytes(raw))
+    with pytest.warns(UserWarning, match="corrupted text-weights cache; recomputing"):
+        again = text_weights(Bb(), ["a", "b"], ["{}"], tmp_path)
+    assert torch.equal(again, first) and len(calls) == 2
+
+
+def test_an_adapter_whose_tensors_do_not_fit_its_config_fails_at_load(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    from clipadapt.methods import load_adapter
+
+    saved = _zero_shot_adapter(tmp_path / "a", dim=8)
+    assert load_adapter(saved).logits(torch.randn(2, 8)).shape == (2, 3)
+    save_file({"text_weights": torch.randn(3, 6)}, str(saved / "model.safetensors"))
+    with pytest.raises(ClipAdaptError, match=r"model\.safetensors: tensors do not fit the config"):
+        load_adapter(saved)
+    save_file({"text_weights": torch.randn(5, 8)}, str(saved / "model.safetensors"))
+    with pytest.raises(ClipAdaptError, match="gives 5 classes but the config names 3"):
+        load_adapter(saved)
+
+
+def test_an_adapter_config_with_a_non_object_meta_is_one_error(tmp_path):
+    from clipadapt.methods import load_adapter
+
+    saved = _zero_shot_adapter(tmp_path / "a")
+    doc = json.loads((saved / "config.json").read_text())
+    doc["meta"] = [1, 2]
+    (saved / "config.json").write_text(json.dumps(doc))
+    with pytest.raises(ClipAdaptError, match=r"config\.json: 'meta' must be a JSON object"):
+        load_adapter(saved)
+
+
+def test_the_extract_summary_counts_skipped_and_reused_images(tmp_path, capsys):
+    import open_clip
+    import torch
+    from safetensors.torch import save_file
+
+    from clipadapt import cli
+
+    torch.manual_seed(0)
+    model = open_clip.create_model("tiny-test-vit", pretrained=None)
+    weights = str(tmp_path / "w.safetensors")
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, weights)
+    root = _flat_folder(tmp_path / "d", per_class=4)
+    (root / "ant" / "bad.png").write_bytes(b"not a png")
+    argv = ["extract", "--model", "tiny-test-vit", "--pretrained", weights, "--data", str(root)]
+    argv += ["--split-ratios", "1,0,0"]
+    argv += ["--split", "train", "--out", str(tmp_path / "c"), "--skip-bad", "--num-workers", "0"]
+    assert cli.main(argv) == 0
+    out, err = capsys.readouterr()
+    assert "12 images x 32 dims, 12 computed, 0 reused, 1 skipped" in out, out
+    assert "clipadapt: warning: skipped 1 unreadable images" in err
+    assert cli.main([*argv, "--augment-views", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "12 images x 32 dims, 0 computed, 12 reused, 1 skipped" in out, out
+    assert "embed-v1: 12 computed, 0 reused" in out, out

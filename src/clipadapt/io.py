@@ -36,10 +36,20 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     except OSError as e:
         tmp.unlink(missing_ok=True)
         raise ClipAdaptError(f"{path}: cannot write ({e.strerror})") from e
+    except Exception as e:
+        tmp.unlink(missing_ok=True)
+        if type(e).__module__.split(".")[0] == "safetensors":  # its own error type, e.g. disk full
+            raise ClipAdaptError(f"{path}: cannot write ({_first_line(e)})") from e
+        raise
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     return path
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
 
 
 def write_json(path: str | os.PathLike, obj) -> Path:

@@ -9,10 +9,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor
 
 from clipadapt.data.dataset import ClassificationDataset
+from clipadapt.errors import warn
 from clipadapt.features.cache import library_version
 from clipadapt.features.extract import extract
 from clipadapt.features.featureset import FeatureSet, as_features
@@ -48,12 +49,33 @@ def text_weights(
     key = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
     path = Path(cache_dir).expanduser() / f"text-{key[:24]}.safetensors"
     if path.is_file():
-        try:
-            return load_file(str(path))["weights"]
-        except Exception:  # an unreadable cache file is recomputed, never trusted
-            path.unlink(missing_ok=True)
-    weights = bb.text_classifier(list(classnames), list(templates), **options)
-    atomic_write(path, lambda tmp: save_file({"weights": weights.contiguous()}, tmp))
+        cached = _read_text_cache(path, len(classnames))
+        if cached is not None:
+            return cached
+        path.unlink(missing_ok=True)  # unreadable or corrupted: recomputed, never trusted
+    weights = bb.text_classifier(list(classnames), list(templates), **options).contiguous()
+    metadata = {"sha256": _tensor_digest(weights)}
+    atomic_write(path, lambda tmp: save_file({"weights": weights}, tmp, metadata=metadata))
+    return weights
+
+
+def _tensor_digest(t: Tensor) -> str:
+    return hashlib.sha256(t.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
+
+
+def _read_text_cache(path: Path, num_classes: int) -> Tensor | None:
+    """The cached weights if the file reads, has [C, D] weights and its recorded digest."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            recorded = (f.metadata() or {}).get("sha256")
+            weights = f.get_tensor("weights")
+    except Exception:  # safetensors raises its own error types
+        return None
+    if weights.ndim != 2 or weights.shape[0] != num_classes or recorded != _tensor_digest(weights):
+        warn(f"{path}: corrupted text-weights cache; recomputing it")
+        return None
     return weights
 
 

@@ -85,13 +85,14 @@ def run(args: argparse.Namespace) -> int:
     )
     if rank != 0:
         return 0
-    computed = max(stats["computed"].values())
+    computed = stats["computed"]
     print(
         f"{dataset.name} {args.split}: {len(feats)} images x {feats.features.shape[1]} dims, "
-        f"{computed} computed, {len(dataset) - computed} reused, {len(stats['bad'])} skipped"
+        f"{computed['embed-v0']} computed, {len(feats) - computed['embed-v0']} reused, "
+        f"{len(stats['bad'])} skipped"
     )
-    for name, path in stats["entries"].items():
-        print(f"  {name}: {path}")
+    for name, path in stats["entries"].items():  # each stream (views, tokens) is cached apart
+        print(f"  {name}: {computed[name]} computed, {len(feats) - computed[name]} reused: {path}")
     for b in stats["bad"]:
         print(f"  skipped {b['path']}: {b['reason']}")
     return 0

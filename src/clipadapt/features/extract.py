@@ -190,7 +190,7 @@ class _Stream:
             self.pending.setdefault(start, []).append(rows[keep])
             mine = [b for b in bad if b["index"] // size * size == start]
             self.bad.setdefault(start, []).extend(mine)
-            self.computed += len(keep)
+            self.computed += len(keep) - len(mine)  # images encoded, not the unreadable ones
             if sum(t.shape[0] for t in self.pending[start]) == self.todo[start] - start:
                 shard = torch.cat(self.pending.pop(start))
                 self.entry.write_shard(start, shard, self.bad.pop(start))

@@ -182,6 +182,9 @@ def load_adapter(directory: str | Path, backbone: Any = None, device: str = "cpu
     method = methods.get(
         name, device=device, recipe=recipe, **_from_json(methods.get_class(name), config)
     )
+    for key in ("meta", "fitted"):
+        if not isinstance(doc.get(key) or {}, dict):
+            raise ClipAdaptError(f"{cfg_path}: {key!r} must be a JSON object, not {doc[key]!r}")
     method.meta = dict(doc.get("meta") or {})
     method.fitted = dict(doc.get("fitted") or {})
     try:
@@ -192,10 +195,31 @@ def load_adapter(directory: str | Path, backbone: Any = None, device: str = "cpu
         method.load_state_tensors({k: v.to(device) for k, v in tensors.items()})
     except (KeyError, RuntimeError) as e:
         raise ClipAdaptError(f"{weights}: tensors do not fit method {name!r} ({e})") from e
+    _check_shapes(method, weights)
     method.meta["directory"] = str(directory)
     if backbone is not None:
         method.check_backbone(backbone.identity, getattr(backbone, "embed_dim", None))
     return method
+
+
+def _check_shapes(method: Method, weights: Path) -> None:
+    """Classify a zero embedding once: tensors that do not fit the config (or the recorded
+    embedding size and classes) fail here, naming the file, not later at eval."""
+    dim, classes = method.meta.get("embed_dim"), method.meta.get("classnames")
+    if not isinstance(dim, int) or "tokens_layer" in method.extract_options(train=False):
+        return
+    try:
+        with torch.no_grad():
+            out = method.logits(torch.zeros(1, dim, device=method.device))
+    except (RuntimeError, ValueError, IndexError) as e:
+        line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ClipAdaptError(
+            f"{weights}: tensors do not fit the config of {method.name!r} ({line})"
+        ) from e
+    if isinstance(classes, list) and out.shape[-1] != len(classes):
+        raise ClipAdaptError(
+            f"{weights}: gives {out.shape[-1]} classes but the config names {len(classes)}"
+        )
 
 
 def parse_hparams(method_name: str, pairs: list[str]) -> dict[str, Any]:
