@@ -229,7 +229,7 @@ def test_bench_base2novel_cli(tmp_path, capsys):
         "base2novel",
         "--methods",
         "zero-shot,mm-adapter,clip-adapter,tip-adapter-f,linear-probe",
-        "--datasets",
+        "--data",
         str(data),
         "--shots",
         "2",

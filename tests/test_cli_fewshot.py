@@ -213,7 +213,7 @@ def test_bench_runs_resumes_and_reports(world, tmp_path, capsys):
         "bench",
         "--methods",
         "zero-shot,tip-adapter,linear-probe",
-        "--datasets",
+        "--data",
         "toy_a,toy_b",
         "--data-root",
         str(world["root"] / "data"),

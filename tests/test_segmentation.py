@@ -570,7 +570,7 @@ def test_segment_writes_mask_and_overlay(tmp_path, capsys):
         str(out),
         "--model",
         "tiny-test-vit",
-        "--cache-dir",
+        "--cache",
         str(tmp_path / "cache"),
     ]
     assert run_command(argv) == 0
@@ -598,13 +598,13 @@ def test_seg_eval_writes_json(tmp_path, capsys):
     out = tmp_path / "res.json"
     argv = [
         "seg-eval",
-        "--dataset",
+        "--data",
         "voc21",
         "--data-root",
         str(tmp_path / "data"),
         "--model",
         "tiny-test-vit",
-        "--cache-dir",
+        "--cache",
         str(tmp_path / "cache"),
         "--out",
         str(out),

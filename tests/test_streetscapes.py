@@ -289,7 +289,7 @@ def test_bench_cli_streetscapes_protocol(streets, tmp_path, capsys):
         "bench",
         "--protocol",
         "streetscapes",
-        "--datasets",
+        "--data",
         str(streets),
         "--tasks",
         "quality",

@@ -123,13 +123,16 @@ def fewshot_curves(
     zero_shot: str = "zero-shot",
 ) -> list[Path]:
     """One PNG per dataset plus ``average.png``: mean ``metric`` against shots per class (error
-    bars: std over seeds), zero-shot as a star at 0 shots. Returns the files written."""
+    bars: std over seeds), zero-shot as a star at 0 shots. Returns the files written: none when
+    fewer than two shot counts were run (a one-point curve says nothing the table does not)."""
+    summary = summarize(records, metric)
+    if len({s for _, _, s in summary if s > 0}) < 2:
+        return []
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    summary = summarize(records, metric)
     datasets = _order((d for _, d, _ in summary), datasets)
     methods = _order((m for m, _, _ in summary), methods)
     average = dataset_average(summary, datasets)

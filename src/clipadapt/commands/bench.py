@@ -57,7 +57,7 @@ def add_parser(subparsers) -> None:
         "--protocol",
         default="fewshot",
         choices=["fewshot", "streetscapes", "base2novel"],
-        help="fewshot (default) or streetscapes: full-data attribute tasks, --datasets are "
+        help="fewshot (default) or streetscapes: full-data attribute tasks, --data are "
         "manual-labels folders (protocols/streetscapes.py); base2novel: train on the base "
         "classes, report base / novel / HM (16 shots unless --shots is one number; "
         "protocols/base2novel.py)",
@@ -251,5 +251,6 @@ def run(args: argparse.Namespace) -> int:
     table, curves = write_report(records, out, args.metric, args.methods, names)
     print(f"{done} runs done, {skipped} skipped (already finished); {len(records)} results")
     print(table.read_text())
-    print(f"table: {table}\ncurves: {', '.join(str(c) for c in curves)}")
+    shown = ", ".join(str(c) for c in curves) or "none (a curve needs two or more --shots)"
+    print(f"table: {table}\ncurves: {shown}")
     return 0

@@ -385,7 +385,7 @@ def markdown_table(records: Sequence[dict], methods: Sequence[str], datasets: Se
 
 
 def run_bench(args) -> int:
-    """`clipadapt bench --protocol base2novel --methods ... --datasets ... --out DIR`."""
+    """`clipadapt bench --protocol base2novel --methods ... --data ... --out DIR`."""
     from clipadapt.backbones import load_backbone
     from clipadapt.commands.bench import method_hparams
     from clipadapt.commands.fit import extract_kwargs

@@ -387,7 +387,7 @@ def markdown_table(records: list[dict], methods: Sequence[str] | None = None) ->
 
 
 def run_bench(args) -> int:
-    """`clipadapt bench --protocol streetscapes --datasets ROOT[,ROOT] --methods ... --out DIR`."""
+    """`clipadapt bench --protocol streetscapes --data ROOT[,ROOT] --methods ... --out DIR`."""
     from clipadapt.backbones import load_backbone
     from clipadapt.commands.bench import method_hparams
     from clipadapt.commands.fit import extract_kwargs
