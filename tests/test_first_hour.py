@@ -389,3 +389,20 @@ def test_the_extract_summary_counts_skipped_and_reused_images(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "12 images x 32 dims, 0 computed, 12 reused, 1 skipped" in out, out
     assert "embed-v1: 12 computed, 0 reused" in out, out
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    from clipadapt.data.mmseg import read_image
+    from clipadapt.features.extract import load_rgb
+
+    pixels = np.zeros((10, 20, 3), dtype=np.uint8)  # 20 wide, 10 high
+    pixels[:, :5] = 255  # a white band on the left
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored sideways: the viewer turns it 90° clockwise
+    Image.fromarray(pixels).save(tmp_path / "phone.jpg", exif=exif, quality=100)
+    Image.fromarray(pixels).save(tmp_path / "plain.jpg", quality=100)
+    for read in (load_rgb, read_image):
+        turned, plain = read(str(tmp_path / "phone.jpg")), read(str(tmp_path / "plain.jpg"))
+        assert plain.size == (20, 10) and turned.size == (10, 20)
+        top = np.asarray(turned)[:3].mean()  # clockwise: the left band becomes the top rows
+        assert top > 200 and np.asarray(turned)[-3:].mean() < 50
