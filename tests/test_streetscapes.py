@@ -322,3 +322,28 @@ def test_bench_cli_streetscapes_protocol(streets, tmp_path, capsys):
     run = json.loads(next((tmp_path / "out" / "runs").glob("*mh-adapter*.json")).read_text())
     assert run["hparams"]["heads"] == 2 and run["hparams"]["epochs"] == 1
     assert run["protocol"] == "streetscapes" and run["views"] == 0
+
+
+def test_a_zero_shot_only_run_extracts_no_training_images(
+    streets, tiny_vit_backbone, tmp_path, monkeypatch
+):
+    import clipadapt.features as features
+
+    extracted, extract = [], features.extract
+
+    def spy(bb, dataset, **kwargs):
+        extracted.append((dataset.split, kwargs.get("views", 0)))
+        return extract(bb, dataset, **kwargs)
+
+    monkeypatch.setattr(features, "extract", spy)
+    kw = {"cache_dir": None, "num_workers": 0, "progress": False}
+    records = run_streetscapes(
+        tiny_vit_backbone,
+        streets,
+        out_dir=tmp_path / "out",
+        methods=["zero-shot"],
+        tasks=["lighting"],
+        extract_kw=kw,
+    )
+    assert extracted == [("test", 0)]
+    assert records[0]["sizes"]["test"] == 16 and records[0]["sizes"]["train"] > 0

@@ -204,9 +204,10 @@ class _Run:
         recipe = self.recipe if method != "zero-shot" else "clean"
         return self.runs_dir / run_filename(self.dataset, task, self.model, method, seed, recipe)
 
-    def features(self, street: dict[str, StreetTask]) -> tuple[FeatureSet, FeatureSet]:
+    def features(self, street: dict[str, StreetTask]) -> tuple[FeatureSet | None, FeatureSet]:
         """(train pool with views, test pool): every task's images through the backbone once
-        (for every seed: views are seeded by the image, the seed only splits train/val)."""
+        (for every seed: views are seeded by the image, the seed only splits train/val). With
+        zero-shot alone nothing trains: the train images are not extracted (None)."""
         from clipadapt.features import extract
 
         tokens = any(m in TOKEN_METHODS for m in self.methods)
@@ -215,6 +216,7 @@ class _Run:
         train = [s.splits[k] for s in street.values() for k in ("train", "val")]
         test = [s.splits["test"] for s in street.values()]
         root, name = str(self.root), self.dataset
+        trains = any(m != "zero-shot" for m in self.methods)
         return (
             extract(
                 self.bb,
@@ -223,7 +225,9 @@ class _Run:
                 tokens_layer=layer,
                 view_tokens=tokens,
                 **self.extract_kw,
-            ),
+            )
+            if trains
+            else None,
             extract(
                 self.bb,
                 image_pool(f"{name}-test", root, "test", test),
@@ -255,8 +259,10 @@ class _Run:
         train_pool, test_pool = self.features(street)
         sets = {
             t: {
-                "train": select(train_pool, s.splits["train"], views=True),
-                "val": select(train_pool, s.splits["val"], views=False),
+                "train": None
+                if train_pool is None
+                else select(train_pool, s.splits["train"], True),
+                "val": None if train_pool is None else select(train_pool, s.splits["val"], False),
                 "test": select(test_pool, s.splits["test"], views=False),
             }
             for t, s in street.items()
@@ -284,7 +290,7 @@ class _Run:
                 template=s.template,
                 labels=s.labels,
                 classnames=s.classnames,
-                sizes={k: len(v) for k, v in sets[task].items()},
+                sizes={k: len(v if v is not None else s.splits[k]) for k, v in sets[task].items()},
                 reference={"MaxViT-T accuracy": MAXVIT_ACCURACY.get(task) if s.builtin else None},
                 views=self.views,
                 hparams=dataclasses.asdict(config),
