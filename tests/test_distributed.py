@@ -115,6 +115,8 @@ def _extract_args(setup, out: Path) -> list[str]:
         str(setup["data"]),
         "--split",
         "train",
+        "--split-ratios",
+        "1,0,0",  # a train/ folder alone: every image in train
         "--out",
         str(out),
         "--batch-size",
@@ -135,7 +137,7 @@ def _cached(setup, cache: Path):
     with pytest.warns(UserWarning, match="skipped 1 unreadable"):
         fs = extract(
             bb,
-            load_split(setup["data"], "train"),
+            load_split(setup["data"], "train", split_ratios="1,0,0"),
             views=1,
             cache_dir=cache,
             skip_bad=True,
@@ -175,8 +177,8 @@ except ClipAdaptError as e:
 # an unreadable image in rank 1's half, without skip_bad: every rank raises rank 1's error
 bb = ca.load_backbone({model!r}, {weights!r})
 try:
-    extract(bb, load_split({data!r}, "train"), cache_dir=sys.argv[1] + "/failed",
-            batch_size=2, num_workers=0, progress=False)
+    extract(bb, load_split({data!r}, "train", split_ratios="1,0,0"),
+            cache_dir=sys.argv[1] + "/failed", batch_size=2, num_workers=0, progress=False)
 except ClipAdaptError as e:
     out["extract_error"] = str(e)
 with open(f"{{sys.argv[1]}}/rank{{rank}}.json", "w") as f:
@@ -225,7 +227,7 @@ def test_a_failed_sharded_run_keeps_its_finished_shards(setup, torchrun):
     # rank 0 finished rows 0-5 (its part file); rank 1 stopped at the unreadable row 9
     assert (entry / "part-00000.json").is_file() and not (entry / "part-00001.json").exists()
     bb = Counting(ca.load_backbone(TINY_VIT, str(setup["weights"])))
-    dataset = load_split(setup["data"], "train")
+    dataset = load_split(setup["data"], "train", split_ratios="1,0,0")
     kw = {"skip_bad": True, "batch_size": 2, "num_workers": 0, "progress": False}
     with pytest.warns(UserWarning, match="skipped 1"):
         fs = extract(bb, dataset, cache_dir=cache, **kw)
