@@ -285,13 +285,13 @@ def test_an_unwritable_output_is_one_line(world, commands, tmp_path, capsys):
 
 @pytest.fixture
 def twelve(tmp_path):
-    """12 images in 3 class folders (a train split only)."""
+    """12 images in 3 class folders (a train split only, kept whole: split ratios 1,0,0)."""
     rng = np.random.default_rng(0)
     for i in range(12):
         path = tmp_path / "data" / "train" / "abc"[i % 3] / f"{i:02d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(rng.integers(0, 255, (20, 24, 3), dtype=np.uint8)).save(path)
-    return load_split(tmp_path / "data", "train")
+    return load_split(tmp_path / "data", "train", split_ratios="1,0,0")
 
 
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
@@ -372,6 +372,7 @@ def _interrupted(tmp_path: Path, during: str, argv: list[str]) -> subprocess.Com
 def test_ctrl_c_during_extraction_then_rerun_resumes(world, commands, twelve, tmp_path, capsys):
     cache = tmp_path / "cache"
     argv = ["extract", *_model_args(world), "--data", twelve.root, "--split", "train"]
+    argv += ["--split-ratios", "1,0,0"]
     argv += ["--out", str(cache), "--batch-size", "2", "--num-workers", "1"]
     proc = _interrupted(tmp_path, "extraction", argv)
     assert proc.returncode == 130, proc.stderr[-2000:]
