@@ -35,20 +35,20 @@ from clipadapt.methods.gda import support_samples
 # (β [lo, hi, n], λ [lo, hi, n]) of torch.linspace, omarnust/BReg-Adapter (ProKeR's code)
 # configs/RN50/configs_proker/<file>.yaml at commit c89ce54.
 GRIDS: dict[str, tuple[tuple[float, float, int], tuple[float, float, int]]] = {
-    "caltech101": ((0.5, 3, 20), (0.001, 1, 10)),  # caltech101.yaml
+    "caltech-101": ((0.5, 3, 20), (0.001, 1, 10)),  # caltech101.yaml
     "dtd": ((0.1, 10, 20), (0.001, 10, 100)),  # dtd.yaml
     "eurosat": ((0.5, 3, 20), (0.001, 1, 100)),  # eurosat.yaml
-    "fgvcaircraft": ((0.5, 3, 20), (0.001, 1, 10)),  # fgvc.yaml
-    "food101": ((0.5, 3, 20), (0.001, 1, 10)),  # food101.yaml
+    "fgvc_aircraft": ((0.5, 3, 20), (0.001, 1, 10)),  # fgvc.yaml
+    "food-101": ((0.5, 3, 20), (0.001, 1, 10)),  # food101.yaml
     "imagenet": ((1.5, 3, 10), (0.05, 0.25, 10)),  # imagenet.yaml (and -a, -r, -sketch, -v2)
-    "oxfordflowers": ((0.1, 10, 20), (0.001, 10, 100)),  # oxford_flowers.yaml
-    "oxfordpets": ((0.01, 5, 40), (0.01, 0.3, 20)),  # oxford_pets.yaml
-    "stanfordcars": ((0.1, 10, 5), (0.01, 1, 5)),  # stanford_cars.yaml
+    "oxford_flowers": ((0.1, 10, 20), (0.001, 10, 100)),  # oxford_flowers.yaml
+    "oxford_pets": ((0.01, 5, 40), (0.01, 0.3, 20)),  # oxford_pets.yaml
+    "stanford_cars": ((0.1, 10, 5), (0.01, 1, 5)),  # stanford_cars.yaml
     "sun397": ((0.1, 10, 20), (0.01, 10, 10)),  # sun397.yaml
     "ucf101": ((0.5, 3, 20), (0.001, 1, 10)),  # ucf101.yaml
 }
 # A dataset without a config: the grid four of the eleven configs share (our choice).
-DEFAULT_GRID = GRIDS["caltech101"]
+DEFAULT_GRID = GRIDS["caltech-101"]
 # configs/RN50/configs_proker/hyperparameters.json: (β, λ) per shot count ("imagenet" mode).
 FIXED = {1: (3.0, 0.05), 2: (2.6, 0.05), 4: (1.5, 0.05), 8: (1.66, 0.07), 16: (1.7, 0.1)}
 CHUNK = 1 << 22  # kernel entries formed at once against validation/test rows

@@ -49,7 +49,7 @@ class TaskResConfig:
         return {
             "alpha": self.alpha
             if self.alpha is not None
-            else (1.0 if key == "oxfordflowers" else 0.5),
+            else (1.0 if key == "oxford_flowers" else 0.5),
             "epochs": self.epochs if self.epochs is not None else (100 if shots <= 4 else 200),
             "lr": self.lr if self.lr is not None else (2e-4 if key == "imagenet" else 2e-3),
         }
