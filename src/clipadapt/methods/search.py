@@ -41,24 +41,32 @@ _FLOAT_BYTES = 4
 
 def search_bytes_per_row(num_keys: int, num_classes: int, num_alphas: int) -> int:
     """Working bytes one validation row costs in ``affinity_grid_counts``: 1 - A and the kernel
-    ([M] each), base, extra, their masked and mixed copies ([C] each), the α sweep ([A] each)."""
-    return _FLOAT_BYTES * (2 * num_keys + 6 * num_classes + 4 * num_alphas)
+    ([M] each), base, extra, their masked and mixed copies and temporaries ([C] each, counted
+    ten times), the α sweep ([A] each)."""
+    return _FLOAT_BYTES * (2 * num_keys + 10 * num_classes + 4 * num_alphas)
+
+
+def usable_bytes(budget: int) -> int:
+    """The part of a budget the per-row working arrays may take."""
+    return budget * 3 // 4
 
 
 def row_chunks(num_rows: int, bytes_per_row: int, budget: int = DEFAULT_BUDGET) -> list[slice]:
     """Equal consecutive slices of ``range(num_rows)`` whose rows fit in ``budget`` bytes.
 
-    The largest chunk holds at most budget // bytes_per_row rows; slices differ in size by at
-    most one, so the last is not a sliver. Raises when ``MIN_CHUNK_ROWS`` rows do not fit
-    (the budget needed is in the message)."""
+    A quarter of the budget is left to what is not counted per row (BLAS packing buffers, the
+    allocator): the largest chunk holds at most (3/4 budget) // bytes_per_row rows. Slices differ
+    in size by at most one, so the last is not a sliver. Raises when ``MIN_CHUNK_ROWS`` rows do
+    not fit (the budget needed is in the message)."""
     if num_rows <= 0:
         return []
-    fit = budget // max(bytes_per_row, 1)
+    fit = usable_bytes(budget) // max(bytes_per_row, 1)
     need = min(num_rows, MIN_CHUNK_ROWS)
     if fit < need:
         raise ClipAdaptError(
             f"search memory budget {budget} bytes: expected at least "
-            f"{need * bytes_per_row} ({need} rows of {bytes_per_row} bytes)"
+            f"{-(-need * bytes_per_row * 4 // 3)} ({need} rows of {bytes_per_row} bytes, "
+            "and a quarter for buffers)"
         )
     count = math.ceil(num_rows / fit)
     size, extra = divmod(num_rows, count)
