@@ -39,7 +39,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     except Exception as e:
         tmp.unlink(missing_ok=True)
         if type(e).__module__.split(".")[0] == "safetensors":  # its own error type, e.g. disk full
-            raise ClipAdaptError(f"{path}: cannot write ({_first_line(e)})") from e
+            raise ClipAdaptError(f"{path}: cannot write ({first_line(e)})") from e
         raise
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -47,7 +47,8 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     return path
 
 
-def _first_line(e: BaseException) -> str:
+def first_line(e: BaseException) -> str:
+    """An exception's message, first line only (its type name when it has none)."""
     text = str(e).strip()
     return text.splitlines()[0] if text else type(e).__name__
 

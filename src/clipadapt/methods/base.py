@@ -23,7 +23,7 @@ from torch import Tensor
 from clipadapt.errors import ClipAdaptError
 from clipadapt.features.featureset import FeatureSet, as_features
 from clipadapt.hparams import one_line
-from clipadapt.io import atomic_write, read_json, write_json
+from clipadapt.io import atomic_write, first_line, read_json, write_json
 from clipadapt.recipes import check_recipe
 from clipadapt.zeroshot import zero_shot_logits
 
@@ -212,9 +212,8 @@ def _check_shapes(method: Method, weights: Path) -> None:
         with torch.no_grad():
             out = method.logits(torch.zeros(1, dim, device=method.device))
     except (RuntimeError, ValueError, IndexError) as e:
-        line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ClipAdaptError(
-            f"{weights}: tensors do not fit the config of {method.name!r} ({line})"
+            f"{weights}: tensors do not fit the config of {method.name!r} ({first_line(e)})"
         ) from e
     if isinstance(classes, list) and out.shape[-1] != len(classes):
         raise ClipAdaptError(

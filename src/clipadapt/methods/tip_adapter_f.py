@@ -100,10 +100,7 @@ class TipAdapterF(TipAdapter):
         if self.recipe == "reference":
             return self._fit_reference(train, text_weights, val, test)
         c = self.config
-        self.text_weights = text_weights.detach().to(self.device, torch.float32)
-        keys, values = build_cache(train, self.text_weights.shape[0])
-        alpha, beta = c.initial()
-        head = TipAdapterFHead(keys, values, self.text_weights, alpha, beta, c.scale)
+        keys, head = self._untrained_head(train, text_weights)
         config = training.TrainConfig.from_config(
             c, epochs=c.resolved_epochs(), device=self.device, desc=self.name
         )
@@ -116,6 +113,14 @@ class TipAdapterF(TipAdapter):
             self._keep_untrained_unless_beaten(keys.to(self.keys), val)
         return self
 
+    def _untrained_head(self, train: FeatureSet, text_weights: Tensor):
+        """(cache keys, the head at the initial (α, β)); stores the text weights."""
+        self.text_weights = text_weights.detach().to(self.device, torch.float32)
+        keys, values = build_cache(train, self.text_weights.shape[0])
+        alpha, beta = self.config.initial()
+        head = TipAdapterFHead(keys, values, self.text_weights, alpha, beta, self.config.scale)
+        return keys, head
+
     def _fit_reference(self, train, text_weights, val, test):
         """The authors' protocol: epoch and final (α, β) chosen on the test set."""
         if test is None or val is None:
@@ -124,10 +129,7 @@ class TipAdapterF(TipAdapter):
                 "and test features (the authors select the epoch on the test set)"
             )
         c = self.config
-        self.text_weights = text_weights.detach().to(self.device, torch.float32)
-        keys, values = build_cache(train, self.text_weights.shape[0])
-        alpha, beta = c.initial()
-        head = TipAdapterFHead(keys, values, self.text_weights, alpha, beta, c.scale)
+        keys, head = self._untrained_head(train, text_weights)
         config = training.TrainConfig.from_config(
             c, epochs=c.resolved_epochs(), device=self.device, desc=self.name, patience=None
         )
@@ -150,7 +152,7 @@ class TipAdapterF(TipAdapter):
             **{k: v for k, v in searched.items() if k not in ("alpha", "beta")},
         }
         if result.best_score > after_search:  # max(best_acc, acc): the initial (α, β) win
-            final, reported = (alpha, beta), "best-epoch"
+            final, reported = c.initial(), "best-epoch"
         else:
             final, reported = (searched["alpha"], searched["beta"]), "after-search"
         self.alpha, self.beta = final
